@@ -1,0 +1,92 @@
+"""Memory-flat, correct FSDP cpu-ram-efficient loading for Hugging Face transformers.
+
+``import hf_fsdp_loadfix`` (or the startup hook installed with the wheel) calls :func:`apply`, which patches
+``transformers.modeling_utils.PreTrainedModel`` as soon as that module is imported, never importing it itself.
+"""
+
+import importlib
+import sys
+import threading
+import warnings
+
+import wrapt
+
+from . import _config, versions
+
+__version__ = "0.1.0"
+__all__ = ["apply", "revert", "status"]
+
+_MODULE = "transformers.modeling_utils"
+_lock = threading.RLock()
+_state = {"wanted": False, "hook": False, "class": None, "reason": "apply() not called", "originals": {}}
+
+
+def apply() -> None:
+    """Patch transformers now if it is imported, else the moment it is. Idempotent and thread-safe."""
+    with _lock:
+        _state["wanted"] = True
+        if not _state["hook"]:
+            _state["hook"] = True
+            _state["reason"] = f"waiting for {_MODULE} to be imported"
+            wrapt.register_post_import_hook(_on_import, _MODULE)  # runs at once if already imported
+        elif _MODULE in sys.modules:
+            _on_import(sys.modules[_MODULE])
+
+
+def revert() -> None:
+    """Restore the original transformers functions and stop any pending patch."""
+    with _lock:
+        _state["wanted"] = False
+        for (owner, attr), original in _state["originals"].items():
+            setattr(owner, attr, original)
+        _state["originals"] = {}
+        _state["class"], _state["reason"] = None, "reverted"
+
+
+def status() -> dict:
+    """Versions, behaviour class, whether the patch is applied, and why not if it is not."""
+    from ._status import report
+
+    with _lock:
+        return report(_state)
+
+
+def _select(pretrained_model_cls, version: str, force: bool):
+    """(patch set, None) or (None, why not)."""
+    name = versions.class_for(version)
+    if name is None and not force:
+        return None, (
+            f"transformers {version} is outside the supported range {versions.SUPPORTED}; not patched "
+            "(upgrade hf-fsdp-loadfix, or set HF_FSDP_LOADFIX_FORCE=1 to try the newest patch set)"
+        )
+    patches = importlib.import_module(f".classes.{name or versions.NEWEST}", __name__).PATCHES
+    mismatch = patches.mismatch(pretrained_model_cls)
+    if mismatch:
+        return None, f"transformers {version} does not have the structure of {patches.name}: {mismatch}; not patched"
+    return patches, None
+
+
+def _on_import(modeling_utils) -> None:
+    with _lock:
+        if not _state["wanted"] or _state["originals"]:
+            return
+        enabled, force = _config.enabled(), _config.forced()  # a junk value raises here, naming the variable
+        if not enabled:
+            _state["reason"] = "disabled by HF_FSDP_LOADFIX=0"
+            return
+        import transformers
+
+        cls = modeling_utils.PreTrainedModel
+        patches, why = _select(cls, transformers.__version__, force)
+        if patches is None:
+            if _state["reason"] != why:  # one warning per process
+                warnings.warn(f"hf_fsdp_loadfix: {why}", RuntimeWarning, stacklevel=2)
+            _state["reason"] = why
+            return
+        for attr, (wrapper, _) in patches.targets.items():
+            _state["originals"][(cls, attr)] = cls.__dict__[attr]
+            wrapt.wrap_function_wrapper(cls, attr, wrapper)
+        _state["class"], _state["reason"] = patches.name, None
+
+
+apply()

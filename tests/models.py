@@ -1,0 +1,134 @@
+"""Tiny checkpoints built locally (``from_config`` + ``save_pretrained``, never a hub download)."""
+
+import math
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+def _llama(tie=False, hidden=64, layers=2, vocab=128, inter=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter or 2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4)
+    return T5ForConditionalGeneration(cfg)
+
+
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+    )
+    return MixtralForCausalLM(cfg)
+
+
+def _llava():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+        patch_size=14, projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=150))
+
+
+class RootBufferConfig(PretrainedConfig):
+    model_type = "hf_fsdp_loadfix_root_buffer"
+
+    def __init__(self, hidden=32, vocab=64, **kwargs):
+        self.hidden, self.vocab = hidden, vocab
+        super().__init__(**kwargs)
+
+
+def _root_scale(config):
+    return torch.exp(-math.log(100.0) * torch.arange(config.hidden, dtype=torch.float32) / config.hidden)
+
+
+class RootBufferModel(PreTrainedModel):
+    """A non-persistent buffer on the top-level module (covered by ``_init_weights``) and a persistent plain
+    buffer saved in the checkpoint: the shapes upstream 5.4-5.23 get wrong on non-rank-0."""
+
+    config_class = RootBufferConfig
+    base_model_prefix = "root_buffer"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab, config.hidden)
+        self.proj = nn.Linear(config.hidden, config.vocab)
+        self.register_buffer("scale", _root_scale(config), persistent=False)
+        self.register_buffer("bias_table", torch.zeros(config.vocab), persistent=True)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, RootBufferModel):
+            with torch.no_grad():
+                module.scale.copy_(_root_scale(module.config))
+        elif isinstance(module, (nn.Linear, nn.Embedding)) and not getattr(module.weight, "_is_hf_initialized", False):
+            module.weight.data.normal_(0.0, 0.02)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return None
+
+    def forward(self, input_ids, **kwargs):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        hidden = (self.embed(input_ids) * self.scale).to(self.proj.weight.dtype)
+        return CausalLMOutput(logits=self.proj(hidden) + self.bias_table)
+
+
+def _root_buffer():
+    model = RootBufferModel(RootBufferConfig())
+    with torch.no_grad():
+        model.bias_table.copy_(torch.linspace(-1, 1, model.config.vocab))
+    return model
+
+
+BUILDERS = {
+    "llama": _llama,
+    "llama_tied": lambda: _llama(tie=True),
+    "root_buffer": _root_buffer,
+    "t5": _t5,
+    "mixtral": _mixtral,
+    "llava": _llava,
+}
+
+
+def build(kind: str, path: str, dtype=torch.bfloat16, seed=0, **kwargs) -> str:
+    torch.manual_seed(seed)
+    builder = BUILDERS.get(kind)
+    model = builder() if builder else _llama(**kwargs)
+    # Randomise everything (including norms) so a missed load cannot pass by accident.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    model.to(dtype).save_pretrained(path)
+    return path
+
+
+def load_class(kind: str):
+    import transformers
+
+    if kind == "root_buffer":
+        return RootBufferModel
+    return {"t5": transformers.AutoModelForSeq2SeqLM, "llava": transformers.LlavaForConditionalGeneration}.get(
+        kind, transformers.AutoModelForCausalLM
+    )
