@@ -72,7 +72,9 @@ def main():
     import transformers
     from models import load_class
 
-    dtype_kw = "torch_dtype" if transformers.__version__.startswith("4.") else "dtype"
+    from packaging.version import Version
+
+    dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     load_kwargs = {dtype_kw: args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)}
     cls = load_class(args.kind)
     dist.barrier()
@@ -151,6 +153,7 @@ def shard_and_compare(model, args, cls, load_kwargs, rank):
 
         full_sd = model.state_dict() if rank == 0 else {}
         fully_shard(model)
+        model.tie_weights()  # 4.x T5 ties whole modules: point every alias at the sharded parameter
         set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full_sd
 

@@ -1,0 +1,176 @@
+"""Gating and activation, each in a fresh interpreter (the installed wheel's startup hook is active there)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import transformers
+from launch import run_ranks
+
+from hf_fsdp_loadfix import versions
+
+TARGETS_4 = ["_move_missing_keys_from_meta_to_cpu", "_initialize_missing_keys"]
+TARGETS_5 = ["_load_pretrained_model", "_move_missing_keys_from_meta_to_device", "_initialize_missing_keys"]
+IS_4 = transformers.__version__.startswith("4.")
+TARGETS = TARGETS_4 if IS_4 else TARGETS_5
+
+PRELUDE = """
+import json, sys, threading, warnings
+import wrapt
+def wrapped_attrs():
+    mu = sys.modules["transformers.modeling_utils"]
+    return sorted(a for a, v in vars(mu.PreTrainedModel).items() if isinstance(v, wrapt.FunctionWrapper))
+"""
+
+
+def py(code, env=None, args=()):
+    proc = subprocess.run(
+        [sys.executable, *args, "-c", PRELUDE + textwrap.dedent(code)],
+        env={k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None},
+        capture_output=True, text=True, timeout=120,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def py_json(code, env=None):
+    rc, out, err = py(code, env)
+    assert rc == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "version,expected",
+    [("4.52.4", None), ("4.53.0", "c1"), ("4.56.2", "c1"), ("4.57.0", "c2"), ("4.57.6", "c2"), ("5.0.0", "c3"),
+     ("5.3.0", "c3"), ("5.4.0", "c4"), ("5.5.4", "c4"), ("5.6.0", "c5"), ("5.22.2", "c5"), ("5.23.0", "c6"),
+     ("5.23.1", "c6"), ("5.24.0", None), ("5.24.0.dev0", None), ("6.0.0", None)],
+)
+def test_version_table(version, expected):
+    assert versions.class_for(version) == expected
+
+
+def test_structure_check_tells_4x_from_5x():
+    import importlib
+
+    from transformers.modeling_utils import PreTrainedModel
+
+    name = versions.class_for(transformers.__version__)
+    assert importlib.import_module(f"hf_fsdp_loadfix.classes.{name}").PATCHES.mismatch(PreTrainedModel) is None
+    other = "c6" if IS_4 else "c2"
+    assert "PreTrainedModel." in importlib.import_module(f"hf_fsdp_loadfix.classes.{other}").PATCHES.mismatch(
+        PreTrainedModel
+    )
+
+
+def test_import_is_lazy_then_patches_on_transformers_import():
+    out = py_json("""
+        import hf_fsdp_loadfix
+        before = ("transformers" in sys.modules, hf_fsdp_loadfix.status())
+        import transformers.modeling_utils
+        print(json.dumps([before, hf_fsdp_loadfix.status(), wrapped_attrs()]))
+    """)
+    (imported, pending), after, wrapped = out
+    assert not imported and not pending["applied"] and "waiting" in pending["reason"]
+    assert after["applied"] and after["class"] == versions.class_for(transformers.__version__).upper()
+    assert wrapped == sorted(TARGETS)
+
+
+def test_startup_hook_installed_and_active_in_fresh_interpreter():
+    from importlib import metadata
+
+    files = [str(f) for f in metadata.files("hf-fsdp-loadfix") or []]
+    assert "hf_fsdp_loadfix.pth" in files, "install the package (pip install .), not just PYTHONPATH"
+    out = py_json("""
+        started = "hf_fsdp_loadfix" in sys.modules
+        import transformers.modeling_utils
+        print(json.dumps([started, wrapped_attrs()]))
+    """)
+    assert out == [True, sorted(TARGETS)]
+    rc, out, _ = py("print('hf_fsdp_loadfix' in sys.modules)", args=("-S",))  # no site: no startup hook
+    assert out.strip() == "False"
+
+
+def test_startup_hook_fixes_unmodified_script(checkpoints, tmp_path):
+    """The worker with --patch 0 never imports the package: only the .pth hook can have patched it."""
+    outputs, (rank0, rank1) = run_ranks(["--ckpt", checkpoints("llama"), "--patch", "0"], tmp_path)
+    assert all(rc == 0 for rc, _ in outputs), outputs
+    assert {v["device"] for v in rank1["state"].values()} == {"meta"}
+    assert rank1["non_persistent"] == rank0["non_persistent"]
+
+
+def test_unknown_version_refused_with_one_warning():
+    out = py_json("""
+        import transformers
+        transformers.__version__ = "5.99.0"
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import hf_fsdp_loadfix, transformers.modeling_utils
+            hf_fsdp_loadfix.apply(); hf_fsdp_loadfix.apply()
+        ours = [str(w.message) for w in caught if "hf_fsdp_loadfix" in str(w.message)]
+        print(json.dumps([ours, hf_fsdp_loadfix.status(), wrapped_attrs()]))
+    """)
+    messages, status, wrapped = out
+    assert len(messages) == 1 and "5.99.0" in messages[0] and versions.SUPPORTED in messages[0]
+    assert not status["applied"] and "5.99.0" in status["reason"] and wrapped == []
+
+
+def test_force_applies_newest_class_when_structure_matches():
+    out = py_json("""
+        import transformers
+        transformers.__version__ = "5.99.0"
+        import hf_fsdp_loadfix, transformers.modeling_utils
+        print(json.dumps([hf_fsdp_loadfix.status(), wrapped_attrs()]))
+    """, env={"HF_FSDP_LOADFIX_FORCE": "1"})
+    status, wrapped = out
+    if IS_4:  # the 5.x patch set does not fit a 4.x structure: refused, with the reason
+        assert not status["applied"] and "structure of C6" in status["reason"] and wrapped == []
+    else:
+        assert status["applied"] and status["class"] == "C6" and wrapped == sorted(TARGETS_5)
+
+
+def test_disable_switch():
+    status, wrapped = py_json("""
+        import hf_fsdp_loadfix, transformers.modeling_utils
+        print(json.dumps([hf_fsdp_loadfix.status(), wrapped_attrs()]))
+    """, env={"HF_FSDP_LOADFIX": "0"})
+    assert not status["applied"] and "HF_FSDP_LOADFIX=0" in status["reason"] and wrapped == []
+
+
+@pytest.mark.parametrize("var", ["HF_FSDP_LOADFIX", "HF_FSDP_LOADFIX_FORCE"])
+def test_junk_env_value_is_a_clear_error(var):
+    rc, _, err = py("import hf_fsdp_loadfix; import transformers.modeling_utils", env={var: "maybe"})
+    assert rc != 0 and f"{var}='maybe' is not a boolean" in err
+    status = py_json("import hf_fsdp_loadfix; print(json.dumps(hf_fsdp_loadfix.status()))", env={var: "maybe"})
+    assert var in status["reason"]
+
+
+def test_double_apply_threads_and_revert():
+    out = py_json("""
+        import hf_fsdp_loadfix, transformers.modeling_utils as mu
+        threads = [threading.Thread(target=hf_fsdp_loadfix.apply) for _ in range(8)]
+        [t.start() for t in threads]; [t.join() for t in threads]
+        attrs = wrapped_attrs()
+        inner = {a: type(vars(mu.PreTrainedModel)[a].__wrapped__).__name__ for a in attrs}
+        originals = {a: vars(mu.PreTrainedModel)[a].__wrapped__ for a in attrs}
+        hf_fsdp_loadfix.revert()
+        restored = all(vars(mu.PreTrainedModel)[a] is originals[a] for a in attrs)
+        reverted = [wrapped_attrs(), hf_fsdp_loadfix.status()["reason"]]
+        hf_fsdp_loadfix.apply()
+        print(json.dumps([attrs, inner, restored, reverted, wrapped_attrs()]))
+    """)
+    attrs, inner, restored, reverted, again = out
+    assert attrs == sorted(TARGETS) and "FunctionWrapper" not in inner.values()
+    assert restored and reverted == [[], "reverted"] and again == sorted(TARGETS)
+
+
+def test_status_names_environment_traps():
+    def process(env, code="import hf_fsdp_loadfix; print(json.dumps(hf_fsdp_loadfix.status()))"):
+        clean = {"ACCELERATE_USE_FSDP": None, "FSDP_CPU_RAM_EFFICIENT_LOADING": None}
+        return py_json(code, env={**clean, **env})["process"]
+
+    assert "ACCELERATE_USE_FSDP is not" in process({"FSDP_CPU_RAM_EFFICIENT_LOADING": "1"})
+    assert "not initialised" in process({"FSDP_CPU_RAM_EFFICIENT_LOADING": "1", "ACCELERATE_USE_FSDP": "1"})
+    assert "is not a boolean" in process({"FSDP_CPU_RAM_EFFICIENT_LOADING": "sure"})
