@@ -34,6 +34,23 @@ def _mixtral():
     return MixtralForCausalLM(cfg)
 
 
+def _deepseek_v3():
+    """DeepSeek-V3-style MoE: ``e_score_correction_bias`` is a persistent plain-tensor buffer in the checkpoint."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=64,
+    )
+    model = DeepseekV3ForCausalLM(cfg)
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_(torch.linspace(-0.5, 0.5, buf.numel()))
+    return model
+
+
 def _llava():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -109,6 +126,7 @@ BUILDERS = {
     "t5": _t5,
     "mixtral": _mixtral,
     "llava": _llava,
+    "deepseek_v3": _deepseek_v3,
 }
 
 

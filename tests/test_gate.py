@@ -174,3 +174,40 @@ def test_status_names_environment_traps():
     assert "ACCELERATE_USE_FSDP is not" in process({"FSDP_CPU_RAM_EFFICIENT_LOADING": "1"})
     assert "not initialised" in process({"FSDP_CPU_RAM_EFFICIENT_LOADING": "1", "ACCELERATE_USE_FSDP": "1"})
     assert "is not a boolean" in process({"FSDP_CPU_RAM_EFFICIENT_LOADING": "sure"})
+
+
+def test_fsdp_gate_not_met_means_upstream_behaviour(checkpoints, tmp_path):
+    """FSDP_CPU_RAM_EFFICIENT_LOADING without ACCELERATE_USE_FSDP: transformers loads fully on every rank, so the
+    package stays out of the way and status() says why."""
+    outputs, (rank0, rank1) = run_ranks(["--ckpt", checkpoints("llama")], tmp_path,
+                                        env={"ACCELERATE_USE_FSDP": "false"})
+    assert all(rc == 0 for rc, _ in outputs), outputs
+    assert {v["device"] for v in rank1["state"].values()} == {"cpu"}
+    assert rank1["status"]["applied"] and "ACCELERATE_USE_FSDP is not" in rank1["status"]["process"]
+
+
+def test_quantized_and_zero3_loads_go_to_the_original_functions():
+    """Gating unit test: a real (1-process) gloo group with LOCAL_RANK=1 meets transformers' non-rank-0 gate;
+    a quantizer or ZeRO-3 must still hand every call to the original function."""
+    out = py_json("""
+        import os, torch.distributed as dist
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], LOCAL_RANK="1",
+                          ACCELERATE_USE_FSDP="1", FSDP_CPU_RAM_EFFICIENT_LOADING="1")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        import transformers.modeling_utils as mu
+        from hf_fsdp_loadfix import _runtime
+        calls = []
+        def original(missing_keys, device_map, device_mesh, hf_quantizer):
+            calls.append("move")
+        def original_init(is_quantized):
+            calls.append("init")
+        seen = [_runtime.is_target(False), _runtime.is_target(True)]
+        _runtime.move_missing_keys(original, None, ([], None, None), {"hf_quantizer": object()})
+        _runtime.initialize_missing_keys(original_init, None, (True,), {})
+        mu.is_deepspeed_zero3_enabled = lambda: True
+        seen.append(_runtime.is_target(False))
+        _runtime.initialize_missing_keys(original_init, None, (False,), {})
+        dist.destroy_process_group()
+        print(json.dumps([seen, calls]))
+    """, env={"PORT": str(__import__("launch").free_port())})
+    assert out == [[True, False, False], ["move", "init", "init"]]
