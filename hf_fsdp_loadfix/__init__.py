@@ -9,9 +9,10 @@ import sys
 import threading
 import warnings
 
-import wrapt
+from . import _config
 
-from . import _config, versions
+# Only the standard library is imported here: the startup hook can run before the site directory that holds
+# wrapt and packaging is on sys.path (a venv with --system-site-packages, a --user install).
 
 __version__ = "0.1.0"
 __all__ = ["apply", "revert", "status"]
@@ -26,6 +27,13 @@ def apply() -> None:
     with _lock:
         _state["wanted"] = True
         if not _state["hook"]:
+            try:
+                import wrapt
+            except ImportError:
+                if not any(isinstance(f, _Retry) for f in sys.meta_path):
+                    sys.meta_path.insert(0, _Retry())
+                _state["reason"] = "waiting for transformers to be imported (wrapt not importable yet)"
+                return
             _state["hook"] = True
             _state["reason"] = f"waiting for {_MODULE} to be imported"
             wrapt.register_post_import_hook(_on_import, _MODULE)  # runs at once if already imported
@@ -51,8 +59,23 @@ def status() -> dict:
         return report(_state)
 
 
+class _Retry:
+    """Calls apply() again when transformers is first imported, once sys.path is complete. Stays in
+    sys.meta_path, inert, so the finder list is never shortened while the import machinery walks it."""
+
+    done = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers" and not self.done:
+            self.done = True
+            apply()
+        return None
+
+
 def _select(pretrained_model_cls, version: str, force: bool):
     """(patch set, None) or (None, why not)."""
+    from . import versions
+
     name = versions.class_for(version)
     if name is None and not force:
         return None, (
@@ -83,6 +106,8 @@ def _on_import(modeling_utils) -> None:
                 warnings.warn(f"hf_fsdp_loadfix: {why}", RuntimeWarning, stacklevel=2)
             _state["reason"] = why
             return
+        import wrapt
+
         for attr, (wrapper, _) in patches.targets.items():
             _state["originals"][(cls, attr)] = cls.__dict__[attr]
             wrapt.wrap_function_wrapper(cls, attr, wrapper)

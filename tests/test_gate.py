@@ -26,9 +26,9 @@ def wrapped_attrs():
 """
 
 
-def py(code, env=None, args=()):
+def py(code, env=None):
     proc = subprocess.run(
-        [sys.executable, *args, "-c", PRELUDE + textwrap.dedent(code)],
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
         env={k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None},
         capture_output=True, text=True, timeout=120,
     )
@@ -88,8 +88,9 @@ def test_startup_hook_installed_and_active_in_fresh_interpreter():
         print(json.dumps([started, wrapped_attrs()]))
     """)
     assert out == [True, sorted(TARGETS)]
-    rc, out, _ = py("print('hf_fsdp_loadfix' in sys.modules)", args=("-S",))  # no site: no startup hook
-    assert out.strip() == "False"
+    no_site = subprocess.run([sys.executable, "-S", "-c", "import sys; print('hf_fsdp_loadfix' in sys.modules)"],
+                             capture_output=True, text=True)
+    assert no_site.stdout.strip() == "False"  # python -S: no site, no startup hook
 
 
 def test_startup_hook_fixes_unmodified_script(checkpoints, tmp_path):
