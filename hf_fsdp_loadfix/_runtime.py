@@ -29,8 +29,8 @@ def is_target(is_quantized: bool) -> bool:
 
 
 def _bind(wrapped, args, kwargs):
-    bound = inspect.signature(wrapped).bind(*args, **kwargs)
-    return bound
+    """Arguments by name: one wrapper serves every release's signature."""
+    return inspect.signature(wrapped).bind(*args, **kwargs)
 
 
 def _owned_buffers(model, persistent: bool):
@@ -111,7 +111,7 @@ def meta_state_dict(state_dict, checkpoint_files, weights_only: bool):
     return merged
 
 
-# --- wrapt wrappers, one per upstream function; each binds by parameter name so one wrapper serves every class
+# --- wrapt wrappers, one per upstream function
 
 
 def move_missing_keys(wrapped, instance, args, kwargs):
