@@ -82,3 +82,13 @@ def test_non_rank0_memory_flat_in_model_size(checkpoints, tmp_path, dtype):
         assert rank0_mb > 150, "rank 0 holds the model: the measurement does see a model-sized allocation"
     assert max(peaks) <= 32, peaks
     assert peaks[1] - peaks[0] <= 8, peaks
+
+
+def test_without_the_package_upstream_breaks_the_contract(checkpoints, tmp_path):
+    """Sentinel: the same checks fail on every supported release when the package is disabled (non-rank-0 keeps
+    real parameter storage: placeholders, zeros or checkpoint copies). If this ever passes, re-measure the class."""
+    outputs, (rank0, rank1) = run_ranks(["--ckpt", checkpoints("root_buffer"), "--patch", "0", "--kind", "root_buffer"],
+                                        tmp_path, env={"HF_FSDP_LOADFIX": "0"})
+    assert all(rc == 0 for rc, _ in outputs), outputs
+    assert not rank1["status"]["applied"]
+    assert "cpu" in {v["device"] for k, v in rank1["state"].items() if k != "bias_table"}
