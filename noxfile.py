@@ -26,7 +26,7 @@ nox.options.reuse_existing_virtualenvs = True
 def _run(session, release, pins):
     session.install(".", "pytest", "accelerate", f"transformers=={release}", *pins)
     session.run("python", "-c", "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__")
-    session.run("pytest", "-q", *session.posargs)
+    session.run("python", "-m", "pytest", "-q", *session.posargs)  # the venv's interpreter, not a system pytest
 
 
 @nox.session(venv_params=["--system-site-packages"])
