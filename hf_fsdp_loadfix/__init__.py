@@ -18,8 +18,10 @@ __version__ = "0.1.0"
 __all__ = ["apply", "revert", "status"]
 
 _MODULE = "transformers.modeling_utils"
+_ACCELERATE = "accelerate.utils.fsdp_utils"
 _lock = threading.RLock()
-_state = {"wanted": False, "hook": False, "class": None, "reason": "apply() not called", "originals": {}}
+_state = {"wanted": False, "hook": False, "class": None, "reason": "apply() not called", "originals": {},
+          "accelerate": "not imported"}
 
 
 def apply() -> None:
@@ -37,8 +39,11 @@ def apply() -> None:
             _state["hook"] = True
             _state["reason"] = f"waiting for {_MODULE} to be imported"
             wrapt.register_post_import_hook(_on_import, _MODULE)  # runs at once if already imported
-        elif _MODULE in sys.modules:
-            _on_import(sys.modules[_MODULE])
+            wrapt.register_post_import_hook(_on_accelerate_import, _ACCELERATE)
+        else:
+            for name, hook in ((_MODULE, _on_import), (_ACCELERATE, _on_accelerate_import)):
+                if name in sys.modules:
+                    hook(sys.modules[name])
 
 
 def revert() -> None:
@@ -48,7 +53,7 @@ def revert() -> None:
         for (owner, attr), original in _state["originals"].items():
             setattr(owner, attr, original)
         _state["originals"] = {}
-        _state["class"], _state["reason"] = None, "reverted"
+        _state["class"], _state["reason"], _state["accelerate"] = None, "reverted", "reverted"
 
 
 def status() -> dict:
@@ -89,29 +94,52 @@ def _select(pretrained_model_cls, version: str, force: bool):
     return patches, None
 
 
+def _wrap(owner, attr, wrapper) -> None:
+    import wrapt
+
+    _state["originals"][(owner, attr)] = vars(owner)[attr]
+    wrapt.wrap_function_wrapper(owner, attr, wrapper)
+
+
 def _on_import(modeling_utils) -> None:
     with _lock:
-        if not _state["wanted"] or _state["originals"]:
+        if not _state["wanted"] or _state["class"]:
             return
-        enabled, force = _config.enabled(), _config.forced()  # a junk value raises here, naming the variable
-        if not enabled:
+        _config.validate()  # a junk value raises here, naming the variable
+        if not _config.enabled():
             _state["reason"] = "disabled by HF_FSDP_LOADFIX=0"
             return
         import transformers
 
+        from . import _runtime
+
         cls = modeling_utils.PreTrainedModel
-        patches, why = _select(cls, transformers.__version__, force)
+        patches, why = _select(cls, transformers.__version__, _config.forced())
         if patches is None:
             if _state["reason"] != why:  # one warning per process
                 warnings.warn(f"hf_fsdp_loadfix: {why}", RuntimeWarning, stacklevel=2)
             _state["reason"] = why
             return
-        import wrapt
-
         for attr, (wrapper, _) in patches.targets.items():
-            _state["originals"][(cls, attr)] = cls.__dict__[attr]
-            wrapt.wrap_function_wrapper(cls, attr, wrapper)
+            _wrap(cls, attr, wrapper)
+        _wrap(modeling_utils, "is_local_dist_rank_0", _runtime.local_dist_rank_0)  # HF_FSDP_LOADFIX_SOURCE
         _state["class"], _state["reason"] = patches.name, None
+
+
+def _on_accelerate_import(fsdp_utils) -> None:
+    from . import _accelerate
+
+    with _lock:
+        if not _state["wanted"] or _state["accelerate"] == "applied":
+            return
+        _config.validate()
+        if not (_config.enabled() and _config.accelerate_fix()):
+            _state["accelerate"] = "disabled by HF_FSDP_LOADFIX_ACCELERATE=0 or HF_FSDP_LOADFIX=0"
+            return
+        why = _accelerate.mismatch(fsdp_utils)
+        if why is None:
+            _wrap(fsdp_utils, _accelerate.TARGET, _accelerate.load_full_state_dict)
+        _state["accelerate"] = why or "applied"
 
 
 apply()

@@ -6,16 +6,28 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def env_flag(name: str, default: bool) -> bool:
+def _raw(name: str):
     raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
+    return None if raw is None or raw.strip() == "" else raw
+
+
+def env_flag(name: str, default: bool) -> bool:
+    raw = _raw(name)
+    if raw is None:
         return default
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
+    if raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
     raise ValueError(f"hf_fsdp_loadfix: environment variable {name}={raw!r} is not a boolean; use 1 or 0")
+
+
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices``; the first is the default."""
+    raw = _raw(name)
+    if raw is None:
+        return choices[0]
+    if raw.strip().lower() in choices:
+        return raw.strip().lower()
+    raise ValueError(f"hf_fsdp_loadfix: environment variable {name}={raw!r} is not one of {', '.join(choices)}")
 
 
 def enabled() -> bool:
@@ -26,3 +38,24 @@ def enabled() -> bool:
 def forced() -> bool:
     """HF_FSDP_LOADFIX_FORCE=1 applies the newest patch set to a release outside the table if its structure matches."""
     return env_flag("HF_FSDP_LOADFIX_FORCE", False)
+
+
+def accelerate_fix() -> bool:
+    """HF_FSDP_LOADFIX_ACCELERATE=0 leaves accelerate's fsdp2_load_full_state_dict alone (default: fix it)."""
+    return env_flag("HF_FSDP_LOADFIX_ACCELERATE", True)
+
+
+def buffers() -> str:
+    """HF_FSDP_LOADFIX_BUFFERS: off | verify (compare non-persistent buffers across ranks) | broadcast (rank 0's)."""
+    return env_choice("HF_FSDP_LOADFIX_BUFFERS", ("off", "verify", "broadcast"))
+
+
+def source() -> str:
+    """HF_FSDP_LOADFIX_SOURCE: local (one real copy per node, transformers' default) | global (global rank 0 only)."""
+    return env_choice("HF_FSDP_LOADFIX_SOURCE", ("local", "global"))
+
+
+def validate() -> None:
+    """Raise on the first junk value among all the package's variables."""
+    for check in (enabled, forced, accelerate_fix, buffers, source):
+        check()

@@ -7,25 +7,37 @@ non-local-rank-0, non-quantized, non-ZeRO-3 FSDP cpu-ram-efficient load is hande
 
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import sys
 
 import torch
+
+from . import _config
 
 
 def _modeling_utils():
     return sys.modules["transformers.modeling_utils"]
 
 
-def is_target(is_quantized: bool) -> bool:
-    """Transformers' own gate, consulted through ``transformers.modeling_utils`` as upstream does."""
+def is_fsdp_load(is_quantized: bool) -> bool:
+    """Transformers' own FSDP gate, consulted through ``transformers.modeling_utils`` as upstream does."""
     mu = _modeling_utils()
-    return (
-        not is_quantized
-        and mu.is_fsdp_enabled()
-        and not mu.is_local_dist_rank_0()
-        and not mu.is_deepspeed_zero3_enabled()
-    )
+    return not is_quantized and mu.is_fsdp_enabled() and not mu.is_deepspeed_zero3_enabled()
+
+
+def is_target(is_quantized: bool) -> bool:
+    """A non-loading rank of an FSDP cpu-ram-efficient load: the only case the package changes."""
+    return is_fsdp_load(is_quantized) and not _modeling_utils().is_local_dist_rank_0()
+
+
+def local_dist_rank_0(wrapped, instance, args, kwargs):
+    """Wraps transformers' ``is_local_dist_rank_0``: with HF_FSDP_LOADFIX_SOURCE=global only global rank 0 reads
+    the checkpoint (accelerate broadcasts from it), every other rank on every node takes the non-rank-0 path."""
+    dist = torch.distributed
+    if _config.source() == "global" and dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return wrapped(*args, **kwargs)
 
 
 def _bind(wrapped, args, kwargs):
@@ -34,17 +46,17 @@ def _bind(wrapped, args, kwargs):
 
 
 def _owned_buffers(model, persistent: bool):
-    """(module, name, tensor) for every buffer the module registers itself, persistent or not."""
-    for module in model.modules():
+    """(module, name, tensor, qualified name) for each buffer a module registers itself, persistent or not."""
+    for prefix, module in model.named_modules():
         for name, buf in module._buffers.items():
             if buf is not None and (name not in module._non_persistent_buffers_set) == persistent:
-                yield module, name, buf
+                yield module, name, buf, f"{prefix}.{name}" if prefix else name
 
 
 def _replace_buffers(model, persistent: bool, want, make):
     """Replace each buffer for which ``want(buf)`` holds by ``make(buf)``; shared buffers stay shared."""
     done = {}
-    for module, name, buf in list(_owned_buffers(model, persistent)):
+    for module, name, buf, _ in list(_owned_buffers(model, persistent)):
         if want(buf):
             if id(buf) not in done:
                 done[id(buf)] = make(buf)
@@ -99,6 +111,55 @@ def init_non_persistent_buffers(model) -> None:
     model._is_hf_initialized = True
 
 
+def _fingerprint(buf) -> str:
+    if buf.device.type == "meta":
+        return "meta"
+    return hashlib.sha1(buf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def sync_non_persistent_buffers(model, mode: str) -> None:
+    """HF_FSDP_LOADFIX_BUFFERS: run on every rank after loading, the same collectives in the same order.
+
+    ``verify``: one all_gather of (name, dtype, shape, hash) per rank; any difference from rank 0 raises on every
+    rank, naming the buffers. ``broadcast``: the differing buffers are copied from rank 0 in sorted-name order,
+    dtype preserved, on the process group's device. Names, dtypes or shapes that differ always raise.
+    """
+    if mode == "off":
+        return
+    dist = torch.distributed
+    named = sorted(((q, buf) for _, _, buf, q in _owned_buffers(model, persistent=False)), key=lambda e: e[0])
+    mine = [(name, str(buf.dtype), list(buf.shape), _fingerprint(buf)) for name, buf in named]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    layout = [entry[:3] for entry in everyone[0]]
+    wrong_layout = [rank for rank, entries in enumerate(everyone) if [e[:3] for e in entries] != layout]
+    if wrong_layout:
+        raise RuntimeError(
+            f"hf_fsdp_loadfix: non-persistent buffer names, dtypes or shapes on ranks {wrong_layout} differ from "
+            f"rank 0's {layout}: a broadcast of them would hang or reinterpret bytes"
+        )
+    differ = {}
+    for rank, entries in enumerate(everyone):
+        for (name, *_, digest), (*_, digest0) in zip(entries, everyone[0]):
+            if digest != digest0:
+                differ.setdefault(name, []).append(rank)
+    if mode == "verify":
+        if differ:
+            detail = "; ".join(f"{name} (ranks {ranks})" for name, ranks in sorted(differ.items()))
+            raise RuntimeError(
+                f"hf_fsdp_loadfix: non-persistent buffers differ from rank 0 after loading: {detail}. The model's "
+                "_init_weights does not recompute them; set HF_FSDP_LOADFIX_BUFFERS=broadcast to copy rank 0's."
+            )
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    with torch.no_grad():
+        for name, buf in named:
+            if name in differ:
+                value = buf.detach().to(device)
+                dist.broadcast(value, src=0)
+                buf.copy_(value)
+
+
 def meta_state_dict(state_dict, checkpoint_files, weights_only: bool):
     """Keys, shapes and dtypes of the checkpoint as meta tensors: safetensors headers or a meta ``torch.load``,
     never tensor data."""
@@ -125,10 +186,14 @@ def move_missing_keys(wrapped, instance, args, kwargs):
 
 def initialize_missing_keys(wrapped, instance, args, kwargs):
     """``_initialize_missing_keys`` (every class; 4.x and 5.x signatures differ, ``is_quantized`` is common)."""
-    if not is_target(_bind(wrapped, args, kwargs).arguments["is_quantized"]):
-        return wrapped(*args, **kwargs)
-    init_non_persistent_buffers(instance)
-    return None
+    is_quantized = _bind(wrapped, args, kwargs).arguments["is_quantized"]
+    if is_target(is_quantized):
+        result = init_non_persistent_buffers(instance)
+    else:
+        result = wrapped(*args, **kwargs)
+    if is_fsdp_load(is_quantized):
+        sync_non_persistent_buffers(instance, _config.buffers())
+    return result
 
 
 def load_pretrained_model(wrapped, instance, args, kwargs):

@@ -44,10 +44,10 @@ def report(state: dict) -> dict:
     version = _installed("transformers")
     expected = versions.class_for(version) if version else None
     try:
-        _config.enabled(), _config.forced()
-        env_error = None
+        _config.validate()
+        env_error, options = None, {"buffers": _config.buffers(), "source": _config.source()}
     except ValueError as err:
-        env_error = str(err)
+        env_error, options = str(err), None
     return {
         "hf_fsdp_loadfix": __version__,
         "transformers": version,
@@ -57,5 +57,7 @@ def report(state: dict) -> dict:
         "class": state["class"] or (expected.upper() if expected else None),
         "applied": state["class"] is not None,
         "reason": env_error or state["reason"],
+        "accelerate_fix": state["accelerate"],
+        "options": options,
         "process": _process_role(),
     }

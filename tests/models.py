@@ -1,6 +1,7 @@
 """Tiny checkpoints built locally (``from_config`` + ``save_pretrained``, never a hub download)."""
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -112,6 +113,31 @@ class RootBufferModel(PreTrainedModel):
         return CausalLMOutput(logits=self.proj(hidden) + self.bias_table)
 
 
+class RandomBufferModel(RootBufferModel):
+    """A non-persistent buffer no rank can recompute to rank 0's value (``_init_weights`` draws it at random, and
+    the worker seeds each rank differently): the shape of remote-code buffers that need HF_FSDP_LOADFIX_BUFFERS."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_buffer("noise", torch.rand(config.hidden), persistent=False)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, RandomBufferModel) and "noise" in module._buffers:  # post_init runs before it exists
+            with torch.no_grad():
+                module.noise.uniform_()
+
+    def forward(self, input_ids, **kwargs):
+        out = super().forward(input_ids)
+        out.logits = out.logits + self.noise.sum()
+        return out
+
+
+def _random_buffer():
+    torch.manual_seed(0)
+    return RandomBufferModel(RootBufferConfig())
+
+
 def _root_buffer():
     model = RootBufferModel(RootBufferConfig())
     with torch.no_grad():
@@ -121,8 +147,11 @@ def _root_buffer():
 
 BUILDERS = {
     "llama": _llama,
+    "llama_sharded": _llama,  # several safetensors shards + index
+    "llama_bin": _llama,  # a pickle checkpoint (pytorch_model.bin)
     "llama_tied": lambda: _llama(tie=True),
     "root_buffer": _root_buffer,
+    "random_buffer": _random_buffer,
     "t5": _t5,
     "mixtral": _mixtral,
     "llava": _llava,
@@ -138,15 +167,21 @@ def build(kind: str, path: str, dtype=torch.bfloat16, seed=0, **kwargs) -> str:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
-    model.to(dtype).save_pretrained(path)
+    model.to(dtype)
+    if kind == "llama_bin":  # 5.x can no longer write .bin: save it the way old checkpoints were
+        os.makedirs(path, exist_ok=True)
+        model.config.save_pretrained(path)
+        torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"))
+    else:
+        model.save_pretrained(path, **({"max_shard_size": "40KB"} if kind == "llama_sharded" else {}))
     return path
 
 
 def load_class(kind: str):
     import transformers
 
-    if kind == "root_buffer":
-        return RootBufferModel
+    if kind in ("root_buffer", "random_buffer"):
+        return RootBufferModel if kind == "root_buffer" else RandomBufferModel
     return {"t5": transformers.AutoModelForSeq2SeqLM, "llava": transformers.LlavaForConditionalGeneration}.get(
         kind, transformers.AutoModelForCausalLM
     )

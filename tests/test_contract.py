@@ -4,16 +4,15 @@ import pytest
 from launch import run_ranks
 
 # Each kind loaded as the checkpoint's dtype (bf16) and cast to fp32, sharded through accelerate's real
-# fsdp2_prepare_model and through native fully_shard + set_model_state_dict(broadcast_from_rank0=True).
-# Persistent plain buffers crash accelerate 1.15 (accelerate#3898): those kinds use the native path for both
-# dtypes. T5 ties whole modules (shared/encoder/decoder embeddings), which neither accelerate's wrap policy nor
-# set_model_state_dict on torch 2.13 can shard: it is checked up to the end of from_pretrained.
-NATIVE_ONLY = ("root_buffer", "deepseek_v3")
+# fsdp2_prepare_model (persistent plain buffers of root_buffer/deepseek_v3 need the package's accelerate fix) and
+# through native fully_shard + set_model_state_dict(broadcast_from_rank0=True). T5 ties whole modules
+# (shared/encoder/decoder embeddings), which neither accelerate's wrap policy nor set_model_state_dict on
+# torch 2.13 can shard: it is checked up to the end of from_pretrained.
 CASES = [
-    (kind, dtype, "load" if kind == "t5" else "native" if kind in NATIVE_ONLY else mode)
+    (kind, dtype, "load" if kind == "t5" else mode)
     for kind in ["llama", "llama_tied", "root_buffer", "t5", "mixtral", "llava", "deepseek_v3"]
     for dtype, mode in [("auto", "accelerate"), ("float32", "native")]
-]
+] + [("llama_sharded", "float32", "accelerate"), ("llama_bin", "auto", "native")]
 
 
 def _run(checkpoints, tmp_path, kind, dtype, mode, **kw):

@@ -57,6 +57,7 @@ def main():
     p.add_argument("--dtype", default="auto")
     p.add_argument("--mode", default="load", choices=["load", "accelerate", "native"])
     p.add_argument("--patch", type=int, default=1, help="import hf_fsdp_loadfix explicitly")
+    p.add_argument("--seed-per-rank", action="store_true", help="a different RNG stream on each rank")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -77,6 +78,8 @@ def main():
     dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     load_kwargs = {dtype_kw: args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)}
     cls = load_class(args.kind)
+    if args.seed_per_rank:
+        torch.manual_seed(1234 + rank)
     dist.barrier()
 
     sampler = PeakSampler()
@@ -166,10 +169,13 @@ def shard_and_compare(model, args, cls, load_kwargs, rank):
     ref = cls.from_pretrained(args.ckpt, **load_kwargs)
     os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
     ref_sd, ref_logits = ref.state_dict(), forward(ref, args.kind)
-    files = [f for f in os.listdir(args.ckpt) if f.endswith(".safetensors")]
     on_disk = {}
-    for f in files:
-        on_disk.update(load_file(os.path.join(args.ckpt, f)))
+    for f in os.listdir(args.ckpt):
+        path = os.path.join(args.ckpt, f)
+        if f.endswith(".safetensors"):
+            on_disk.update(load_file(path))
+        elif f.endswith(".bin"):
+            on_disk.update(torch.load(path, weights_only=True))
 
     def same(a, b):
         return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
