@@ -34,7 +34,7 @@ def apply() -> None:
             except ImportError:
                 if not any(isinstance(f, _Retry) for f in sys.meta_path):
                     sys.meta_path.insert(0, _Retry())
-                _state["reason"] = "waiting for transformers to be imported (wrapt not importable yet)"
+                _state["reason"] = "waiting for transformers/accelerate to be imported (wrapt not importable yet)"
                 return
             _state["hook"] = True
             _state["reason"] = f"waiting for {_MODULE} to be imported"
@@ -65,13 +65,13 @@ def status() -> dict:
 
 
 class _Retry:
-    """Calls apply() again when transformers is first imported, once sys.path is complete. Stays in
-    sys.meta_path, inert, so the finder list is never shortened while the import machinery walks it."""
+    """Calls apply() again when transformers or accelerate is first imported, once sys.path is complete. Stays
+    in sys.meta_path, inert, so the finder list is never shortened while the import machinery walks it."""
 
     done = False
 
     def find_spec(self, name, path=None, target=None):
-        if name == "transformers" and not self.done:
+        if name in ("transformers", "accelerate") and not self.done:
             self.done = True
             apply()
         return None

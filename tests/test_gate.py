@@ -140,10 +140,11 @@ def test_disable_switch():
     assert not status["applied"] and "HF_FSDP_LOADFIX=0" in status["reason"] and wrapped == []
 
 
-@pytest.mark.parametrize("var", ["HF_FSDP_LOADFIX", "HF_FSDP_LOADFIX_FORCE"])
+@pytest.mark.parametrize("var", ["HF_FSDP_LOADFIX", "HF_FSDP_LOADFIX_FORCE", "HF_FSDP_LOADFIX_ACCELERATE",
+                                 "HF_FSDP_LOADFIX_BUFFERS", "HF_FSDP_LOADFIX_SOURCE"])
 def test_junk_env_value_is_a_clear_error(var):
     rc, _, err = py("import hf_fsdp_loadfix; import transformers.modeling_utils", env={var: "maybe"})
-    assert rc != 0 and f"{var}='maybe' is not a boolean" in err
+    assert rc != 0 and f"environment variable {var}='maybe' is not" in err
     status = py_json("import hf_fsdp_loadfix; print(json.dumps(hf_fsdp_loadfix.status()))", env={var: "maybe"})
     assert var in status["reason"]
 
@@ -212,3 +213,14 @@ def test_quantized_and_zero3_loads_go_to_the_original_functions():
         print(json.dumps([seen, calls]))
     """, env={"PORT": str(__import__("launch").free_port())})
     assert out == [[True, False, False], ["move", "init", "init"]]
+
+
+def test_accelerate_fix_applied_on_import_and_switchable():
+    code = """
+        import hf_fsdp_loadfix, accelerate.utils.fsdp_utils as fu
+        print(json.dumps([hf_fsdp_loadfix.status()["accelerate_fix"],
+                          isinstance(vars(fu)["fsdp2_load_full_state_dict"], wrapt.FunctionWrapper)]))
+    """
+    assert py_json(code) == ["applied", True]
+    off = py_json(code, env={"HF_FSDP_LOADFIX_ACCELERATE": "0"})
+    assert "disabled" in off[0] and off[1] is False
