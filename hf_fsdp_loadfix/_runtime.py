@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import inspect
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -197,15 +198,34 @@ def initialize_missing_keys(wrapped, instance, args, kwargs):
 
 
 def load_pretrained_model(wrapped, instance, args, kwargs):
-    """5.x ``_load_pretrained_model``: hand upstream a meta state dict so no checkpoint data is read, cast or kept,
-    while key renaming, expert fusion, dtype plans and the loading report run exactly as on rank 0."""
+    """``_load_pretrained_model``, every class: all ranks of an FSDP load check the checkpoint together first.
+
+    5.x non-rank-0: then hand upstream a meta state dict so no checkpoint data is read, cast or kept, while key
+    renaming, expert fusion, dtype plans and the loading report run exactly as on rank 0. (4.x non-rank-0
+    already reads shards on meta.)
+    """
     bound = _bind(wrapped, args, kwargs)
-    load_config = bound.arguments["load_config"]
-    if not is_target(load_config.is_quantized):
-        return wrapped(*args, **kwargs)
-    bound.arguments["state_dict"] = meta_state_dict(
-        bound.arguments["state_dict"], bound.arguments["checkpoint_files"], load_config.weights_only
+    bound.apply_defaults()
+    arg = bound.arguments
+    load_config = arg.get("load_config")  # 5.x; 4.x passes the same facts as separate arguments
+    options = load_config or SimpleNamespace(
+        is_quantized=arg["hf_quantizer"] is not None,
+        sharded_metadata=arg["sharded_metadata"],
+        ignore_mismatched_sizes=arg["ignore_mismatched_sizes"],
     )
+    if not is_fsdp_load(options.is_quantized):
+        return wrapped(*args, **kwargs)
+    from ._checkpoint import check_together
+
+    check_together(
+        arg["model"],
+        arg["checkpoint_files"] or [],
+        (options.sharded_metadata or {}).get("weight_map"),
+        compare_shapes=load_config is None and not options.ignore_mismatched_sizes,
+    )
+    if load_config is None or not is_target(load_config.is_quantized):
+        return wrapped(*args, **kwargs)
+    arg["state_dict"] = meta_state_dict(arg["state_dict"], arg["checkpoint_files"], load_config.weights_only)
     # every loaded weight is placed on meta: upstream's conversions then only compute shapes and dtypes
-    bound.arguments["load_config"] = dataclasses.replace(load_config, device_map={"": "meta"})
+    arg["load_config"] = dataclasses.replace(load_config, device_map={"": "meta"})
     return wrapped(*bound.args, **bound.kwargs)

@@ -4,7 +4,7 @@ import os
 import sys
 from importlib import metadata
 
-from . import __version__, _config, versions
+from . import __version__, _checkpoint, _config, versions
 
 
 def _installed(dist: str) -> str | None:
@@ -60,4 +60,5 @@ def report(state: dict) -> dict:
         "accelerate_fix": state["accelerate"],
         "options": options,
         "process": _process_role(),
+        "checkpoint_check": _checkpoint.last["check"],
     }

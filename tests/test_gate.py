@@ -12,7 +12,7 @@ from launch import run_ranks
 
 from hf_fsdp_loadfix import versions
 
-TARGETS_4 = ["_move_missing_keys_from_meta_to_cpu", "_initialize_missing_keys"]
+TARGETS_4 = ["_load_pretrained_model", "_move_missing_keys_from_meta_to_cpu", "_initialize_missing_keys"]
 TARGETS_5 = ["_load_pretrained_model", "_move_missing_keys_from_meta_to_device", "_initialize_missing_keys"]
 IS_4 = transformers.__version__.startswith("4.")
 TARGETS = TARGETS_4 if IS_4 else TARGETS_5

@@ -57,6 +57,7 @@ def main():
     p.add_argument("--dtype", default="auto")
     p.add_argument("--mode", default="load", choices=["load", "accelerate", "native"])
     p.add_argument("--patch", type=int, default=1, help="import hf_fsdp_loadfix explicitly")
+    p.add_argument("--ckpt-other", help="the checkpoint path ranks other than 0 see (a node missing a shard)")
     p.add_argument("--seed-per-rank", action="store_true", help="a different RNG stream on each rank")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -86,7 +87,8 @@ def main():
     base = sampler.peak
     sampler.start()
     t0 = time.perf_counter()
-    model, info = cls.from_pretrained(args.ckpt, output_loading_info=True, **load_kwargs)
+    ckpt = args.ckpt_other if args.ckpt_other and rank else args.ckpt
+    model, info = cls.from_pretrained(ckpt, output_loading_info=True, **load_kwargs)
     load_s = time.perf_counter() - t0
     peak = sampler.finish()
 

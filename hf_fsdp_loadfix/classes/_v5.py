@@ -8,7 +8,8 @@ def patch_set(name: str, **markers: bool) -> PatchSet:
     return PatchSet(
         name,
         {
-            # the loading hook: non-rank-0 reads safetensors headers / a meta torch.load, never tensor data
+            # the loading hook: every rank checks the checkpoint together (headers only); non-rank-0 then reads
+            # safetensors headers / a meta torch.load, never tensor data
             "_load_pretrained_model": (
                 _runtime.load_pretrained_model,
                 ("model", "state_dict", "checkpoint_files", "load_config"),

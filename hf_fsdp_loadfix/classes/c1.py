@@ -12,6 +12,12 @@ from . import PatchSet
 PATCHES = PatchSet(
     "C1",
     {
+        # checks the checkpoint on every rank together (headers only) before shards are read
+        "_load_pretrained_model": (
+            _runtime.load_pretrained_model,
+            ("model", "state_dict", "checkpoint_files", "pretrained_model_name_or_path", "ignore_mismatched_sizes",
+             "sharded_metadata"),
+        ),
         "_move_missing_keys_from_meta_to_cpu": (
             _runtime.move_missing_keys,
             ("missing_keys", "unexpected_keys", "dtype", "hf_quantizer"),
