@@ -6,25 +6,10 @@ persistent buffers keep their ``__init__`` values. Shards are already skipped th
 Patched: parameters and persistent buffers stay on meta; non-persistent buffers get the owner's ``_init_weights``.
 """
 
-from .. import _runtime
-from . import PatchSet
+from ._v4 import patch_set
 
-PATCHES = PatchSet(
+PATCHES = patch_set(
     "C1",
-    {
-        # checks the checkpoint on every rank together (headers only) before shards are read
-        "_load_pretrained_model": (
-            _runtime.load_pretrained_model,
-            ("model", "state_dict", "checkpoint_files", "pretrained_model_name_or_path", "ignore_mismatched_sizes",
-             "sharded_metadata"),
-        ),
-        "_move_missing_keys_from_meta_to_cpu": (
-            _runtime.move_missing_keys,
-            ("missing_keys", "unexpected_keys", "dtype", "hf_quantizer"),
-        ),
-        "_initialize_missing_keys": (
-            _runtime.initialize_missing_keys,
-            ("loaded_keys", "ignore_mismatched_sizes", "is_quantized"),
-        ),
-    },
+    move_params=("missing_keys", "unexpected_keys", "dtype", "hf_quantizer"),
+    init_params=("loaded_keys", "ignore_mismatched_sizes", "is_quantized"),
 )
