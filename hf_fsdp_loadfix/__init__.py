@@ -47,7 +47,7 @@ def apply() -> None:
 
 
 def revert() -> None:
-    """Restore the original transformers functions and stop any pending patch."""
+    """Restore the original transformers (and accelerate) functions and stop any pending patch."""
     with _lock:
         _state["wanted"] = False
         for (owner, attr), original in _state["originals"].items():
