@@ -8,6 +8,8 @@ import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from ._runtime import _owned_buffers
+
 BROKEN = SpecifierSet(">=1.6.0,<1.16")
 TARGET = "fsdp2_load_full_state_dict"
 
@@ -27,12 +29,11 @@ def load_full_state_dict(wrapped, instance, args, kwargs):
         import torch.distributed as dist
         from torch.distributed.tensor import DTensor
 
-        plain = []
-        for key, value in sorted(model.state_dict().items()):
-            owner_name, _, leaf = key.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            if not isinstance(value, DTensor) and owner._buffers.get(leaf) is not None:
-                plain.append((key, owner, leaf))
+        plain = sorted(
+            ((key, owner, leaf) for owner, leaf, buf, key in _owned_buffers(model, persistent=True)
+             if not isinstance(buf, DTensor)),
+            key=lambda entry: entry[0],
+        )
         for key, owner, leaf in plain:
             current = owner._buffers[leaf]
             if accelerator.is_main_process:

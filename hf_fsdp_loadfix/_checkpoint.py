@@ -36,7 +36,8 @@ def _problems(model, files, weight_map, compare_shapes: bool) -> list[str]:
         except Exception as err:  # noqa: BLE001 - truncated, corrupt, missing on this node: all reported alike
             problems.append(f"{name} is unreadable ({type(err).__name__}: {err})")
             continue
-        problems += [f"{name} lacks {key}, which the index assigns to it" for key in sorted(listed.get(name, set()) - shapes.keys())]
+        for key in sorted(listed.get(name, set()) - shapes.keys()):
+            problems.append(f"{name} lacks {key}, which the index assigns to it")
         for key, shape in sorted(shapes.items()):
             target = next((k for k in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")) if k in expected), None)
             if target is not None and expected[target] != shape:
