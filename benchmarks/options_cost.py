@@ -1,8 +1,8 @@
-"""What the opt-in options cost on a ~0.7B-param Llama (built by load_memory.py): non-rank-0 from_pretrained time
+"""What the opt-in options cost on a ~0.7B-param Llama (built locally once): non-rank-0 from_pretrained time
 and peak anonymous RSS with HF_FSDP_LOADFIX_BUFFERS=off/verify/broadcast, and per-rank peak for two simulated
 nodes of 2 ranks with HF_FSDP_LOADFIX_SOURCE=local/global (fp32 load, so a real copy shows as anonymous memory).
 
-    python benchmarks/load_memory.py && python benchmarks/options_cost.py
+    python benchmarks/options_cost.py
 """
 
 import os
@@ -10,18 +10,18 @@ import sys
 import tempfile
 import threading
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from launch import free_port, run_ranks  # noqa: E402
+from hf_fsdp_loadfix._check import build_llama
+from hf_fsdp_loadfix._worker import free_port, launch
 
-CKPT = os.path.join(tempfile.gettempdir(), "hf_fsdp_loadfix_bench", "llama_h2048_l11_v32000")
+CKPT = os.path.join(tempfile.gettempdir(), "hf_fsdp_loadfix_bench", "llama_h2048_l11")
 
 
 def ranks(env, dtype="bfloat16", nnodes=1):
     port, found = free_port(), {}
 
     def node(n):
-        found[n] = run_ranks(["--ckpt", CKPT, "--dtype", dtype], tempfile.mkdtemp(), env=env, node_rank=n,
-                             nnodes=nnodes, port=port, timeout=1200)
+        found[n] = launch(["-m", "hf_fsdp_loadfix._worker", "--ckpt", CKPT, "--dtype", dtype, "--load-only"],
+                          tempfile.mkdtemp(), env=env, node_rank=n, nnodes=nnodes, port=port, timeout=1200)
 
     threads = [threading.Thread(target=node, args=(n,)) for n in range(nnodes)]
     [t.start() for t in threads]
@@ -36,6 +36,8 @@ def ranks(env, dtype="bfloat16", nnodes=1):
 
 
 def main():
+    if not os.path.exists(os.path.join(CKPT, "config.json")):
+        build_llama(CKPT, hidden=2048, layers=11)
     print("| HF_FSDP_LOADFIX_BUFFERS | rank 1 load s | rank 1 peak MB |")
     print("|---|---|---|")
     for mode in ("off", "verify", "broadcast"):

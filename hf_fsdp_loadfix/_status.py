@@ -1,6 +1,7 @@
 """``status()``: what is installed, which class it is, whether the patch is applied, and why not."""
 
 import os
+import site
 import sys
 from importlib import metadata
 
@@ -18,14 +19,36 @@ _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _BOOL = _TRUE | {"0", "false", "no", "off", "n", "f"}  # what transformers' strtobool accepts
 
 
+_GATE = ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")
+
+
+def _flags() -> tuple[bool, bool]:
+    return tuple((os.environ.get(k) or "").strip().lower() in _TRUE for k in _GATE)
+
+
+def traps() -> list[str]:
+    """Environment mistakes that silently lose the optimisation, or break the load, on every rank."""
+    found = [f"{k}={os.environ[k]!r} is not a boolean: transformers raises ValueError in from_pretrained"
+             for k in _GATE if k in os.environ and os.environ[k].strip().lower() not in _BOOL]
+    use_fsdp, efficient = _flags()
+    if efficient and not use_fsdp:
+        found.append("FSDP_CPU_RAM_EFFICIENT_LOADING is set but ACCELERATE_USE_FSDP is not: every rank loads the "
+                     "full checkpoint (transformers 5.x TrainingArguments no longer sets ACCELERATE_USE_FSDP)")
+    local = os.environ.get("LOCAL_RANK")
+    if efficient and use_fsdp and local is None:
+        found.append("LOCAL_RANK is not set: transformers treats every process, global rank 0 included, as "
+                     "non-local-rank-0, so no process loads the weights (launch with torchrun or accelerate launch)")
+    if local is not None and not local.strip().lstrip("-").isdigit():
+        found.append(f"LOCAL_RANK={local!r} is not an integer: transformers raises ValueError in from_pretrained")
+    return found
+
+
 def _process_role() -> str:
     """Would a ``from_pretrained`` here take the non-rank-0 path?  Mirrors transformers' gate and names the trap."""
-    env = {k: os.environ.get(k) for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING", "LOCAL_RANK")}
-    junk = [f"{k}={v!r} is not a boolean (transformers will raise)" for k, v in list(env.items())[:2]
-            if v is not None and v.strip().lower() not in _BOOL]
+    junk = [t for t in traps() if "is not a" in t]
     if junk:
         return "; ".join(junk)
-    use_fsdp, efficient = ((env[k] or "").strip().lower() in _TRUE for k in list(env)[:2])
+    use_fsdp, efficient = _flags()
     if not efficient:
         return "inactive: FSDP_CPU_RAM_EFFICIENT_LOADING is not set"
     if not use_fsdp:
@@ -33,11 +56,18 @@ def _process_role() -> str:
     dist = sys.modules.get("torch.distributed")
     if dist is None or not (dist.is_available() and dist.is_initialized()):
         return "inactive: torch.distributed is not initialised (initialise it before from_pretrained)"
-    if env["LOCAL_RANK"] is None:
-        return "inactive: LOCAL_RANK is not set"
-    if env["LOCAL_RANK"].strip() == "0":
+    local = os.environ.get("LOCAL_RANK")
+    if local is None:
+        return "non-local-rank-0 (LOCAL_RANK is not set): no process of this job loads the weights"
+    if local.strip() == "0":
         return "local rank 0: loads the checkpoint as upstream does"
-    return f"non-local-rank-0 (LOCAL_RANK={env['LOCAL_RANK']}): parameters stay on meta, buffers computed locally"
+    return f"non-local-rank-0 (LOCAL_RANK={local}): parameters stay on meta, buffers computed locally"
+
+
+def startup_hook() -> str | None:
+    """The installed ``hf_fsdp_loadfix.pth``, if a site directory of this interpreter holds one."""
+    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    return next((p for p in (os.path.join(d, "hf_fsdp_loadfix.pth") for d in dirs) if os.path.isfile(p)), None)
 
 
 def report(state: dict) -> dict:
@@ -59,6 +89,8 @@ def report(state: dict) -> dict:
         "reason": env_error or state["reason"],
         "accelerate_fix": state["accelerate"],
         "options": options,
+        "startup_hook": startup_hook(),
         "process": _process_role(),
+        "traps": traps(),
         "checkpoint_check": _checkpoint.last["check"],
     }

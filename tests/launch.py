@@ -1,42 +1,12 @@
-"""Start N local ranks (gloo, one per process) as ``torchrun`` would on one node, with a hard timeout."""
+"""Start N local ranks of worker.py (gloo, one per process) as ``torchrun`` would on one node."""
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from hf_fsdp_loadfix._worker import free_port, launch  # noqa: F401  (free_port: re-exported for the tests)
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 
 
-def run_ranks(args, out, nproc=2, env=None, timeout=300, script=None, node_rank=0, nnodes=1, port=None):
-    """Run ``script`` (default: worker.py) on ``nproc`` ranks; return per-rank (returncode, output) and results."""
-    port = port or free_port()
-    procs = []
-    for local in range(nproc):
-        rank = node_rank * nproc + local
-        penv = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(local),
-                "WORLD_SIZE": str(nproc * nnodes), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        procs.append(subprocess.Popen(
-            [sys.executable, script or os.path.join(HERE, "worker.py"), *args, "--out", str(out)],
-            env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for proc in procs:
-            text, _ = proc.communicate(timeout=timeout)
-            outputs.append((proc.returncode, text))
-    finally:
-        for proc in procs:
-            proc.kill()
-    results = []
-    for local in range(nproc):
-        path = os.path.join(str(out), f"rank{node_rank * nproc + local}.json")
-        results.append(json.load(open(path)) if os.path.exists(path) else None)
-    return outputs, results
+def run_ranks(args, out, timeout=300, **kwargs):
+    """worker.py on ``nproc`` ranks (default 2): per-rank (returncode, output), and the JSON each wrote."""
+    return launch([WORKER, *args], out, timeout=timeout, **kwargs)

@@ -1,0 +1,165 @@
+"""Peak anonymous RSS of every rank during ``from_pretrained`` against model size, upstream vs patched, on the
+installed transformers.
+
+    pip install matplotlib                     # for the plot
+    python benchmarks/sweep.py [--sizes 0.1 0.25 0.5 1 2] [--nproc 2 4] [--budget-gb 20]
+
+Each size is a bf16 Llama built locally once (cached under <tmp>/hf_fsdp_loadfix_bench). For each load dtype
+(bfloat16 = the checkpoint's, float32 = a cast), rank count, and HF_FSDP_LOADFIX=0 / 1, the ranks run
+``python -m hf_fsdp_loadfix._worker --load-only`` (gloo, CPU). A run whose total memory, extrapolated linearly from
+the same configuration at the previous size, would exceed --budget-gb is skipped and recorded as skipped.
+Writes benchmarks/results/sweep-<transformers>.{json,md,png}.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from hf_fsdp_loadfix import versions
+from hf_fsdp_loadfix._check import PEAK_LIMIT_MB, build_llama
+from hf_fsdp_loadfix._worker import launch
+
+SIZES = {0.1: (768, 8), 0.25: (1024, 16), 0.5: (1536, 16), 1.0: (2048, 20), 2.0: (2560, 26)}  # (hidden, layers)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BASELINE_MB = 400  # a rank's resident memory before from_pretrained (interpreter, torch, transformers)
+
+
+def checkpoint(size, root):
+    hidden, layers = SIZES[size]
+    path = os.path.join(root, f"llama_h{hidden}_l{layers}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        print(f"building {path}", flush=True)
+        build_llama(path, hidden, layers)
+    with open(os.path.join(path, "model.safetensors"), "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    params = sum(int(__import__("math").prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
+    return path, params
+
+
+def sweep(args, version):
+    rows, last = [], {}
+    for size in args.sizes:
+        ckpt, params = checkpoint(size, args.dir)
+        for dtype in ("bfloat16", "float32"):
+            for nproc in args.nproc:
+                for patched in (False, True):
+                    key = (dtype, nproc, patched)
+                    row = {"transformers": version, "params": params, "load_dtype": dtype, "nproc": nproc,
+                           "patched": patched}
+                    if key in last:
+                        prev_params, prev_total = last[key]
+                        predicted = prev_total * params / prev_params + nproc * BASELINE_MB
+                        if predicted > args.budget_gb * 1024:
+                            rows.append({**row, "skipped": f"needs ~{predicted / 1024:.0f} GB"})
+                            print("skip", rows[-1], flush=True)
+                            continue
+                    outputs, results = launch(["-m", "hf_fsdp_loadfix._worker", "--ckpt", ckpt, "--dtype", dtype,
+                                               "--load-only"], tempfile.mkdtemp(), nproc=nproc, timeout=3600,
+                                              env={"HF_FSDP_LOADFIX": str(int(patched))})
+                    if any(rc for rc, _ in outputs):
+                        sys.exit(next(text for rc, text in outputs if rc)[-3000:])
+                    peaks = [r["rss_peak_delta_kb"] / 1024 for r in results]
+                    last[key] = (params, sum(peaks))
+                    rows.append({**row, "peak_mb": [round(p, 1) for p in peaks],
+                                 "load_s": [round(r["load_s"], 3) for r in results],
+                                 "non_rank0_devices": sorted({v["device"] for r in results[1:]
+                                                              for v in r["state"].values()}),
+                                 "applied": results[1]["status"]["applied"]})
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def markdown(rows, version, cls):
+    lines = [f"# transformers {version} ({cls}): peak anonymous RSS during from_pretrained", "",
+             "MB above each rank's baseline, sampled from /proc/self/status every 0.5 ms; bf16 safetensors Llama "
+             "checkpoints built locally; CPU, gloo; `python benchmarks/sweep.py`.", "",
+             "| params | load dtype | ranks | rank 0 upstream | rank 0 patched | non-rank-0 upstream (max) | "
+             "non-rank-0 patched (max) | non-rank-0 load s upstream / patched | non-rank-0 params on, patched |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    runs = {(r["params"], r["load_dtype"], r["nproc"], r["patched"]): r for r in rows}
+    for (params, dtype, nproc, patched), r in runs.items():
+        if patched:
+            continue
+        p = runs[(params, dtype, nproc, True)]
+
+        def cell(run, what):
+            if "skipped" in run:
+                return "skipped"
+            if what == "rank0":
+                return f"{run['peak_mb'][0]:.1f}"
+            if what == "rest":
+                return f"{max(run['peak_mb'][1:]):.1f}"
+            return f"{max(run['load_s'][1:]):.2f}"
+
+        lines.append(f"| {params / 1e9:.2f}B | {dtype} | {nproc} | {cell(r, 'rank0')} | {cell(p, 'rank0')} | "
+                     f"{cell(r, 'rest')} | {cell(p, 'rest')} | {cell(r, 's')} / {cell(p, 's')} | "
+                     f"{','.join(p.get('non_rank0_devices', []))} |")
+    patched = [max(r["peak_mb"][1:]) for r in rows if r["patched"] and "peak_mb" in r]
+    lines += ["", f"Patched non-rank-0 peak over all runs: max {max(patched):.1f} MB "
+              f"(target ≤ {PEAK_LIMIT_MB} MB: {'met' if max(patched) <= PEAK_LIMIT_MB else 'NOT met'})."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, version, cls, path):
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes, nprocs = sorted({r["load_dtype"] for r in rows}), sorted({r["nproc"] for r in rows})
+    fig, axes = plt.subplots(len(dtypes), len(nprocs), figsize=(5 * len(nprocs), 4 * len(dtypes)), squeeze=False)
+    for i, dtype in enumerate(dtypes):
+        for j, nproc in enumerate(nprocs):
+            ax = axes[i][j]
+            for patched, style in ((False, "--"), (True, "-")):
+                runs = [r for r in rows if (r["load_dtype"], r["nproc"], r["patched"]) == (dtype, nproc, patched)
+                        and "peak_mb" in r]
+                x = [r["params"] / 1e9 for r in runs]
+                label = "patched" if patched else "upstream"
+                ax.plot(x, [max(r["peak_mb"][0], 0.1) for r in runs], style, color="tab:blue", marker="o",
+                        label=f"rank 0, {label}")
+                ax.plot(x, [max(max(r["peak_mb"][1:]), 0.1) for r in runs], style, color="tab:red", marker="s",
+                        label=f"non-rank-0 (max), {label}")
+            ax.axhline(PEAK_LIMIT_MB, color="grey", linewidth=0.8, linestyle=":")
+            ax.set_yscale("log")
+            ax.set_xlabel("parameters (billions)")
+            ax.set_ylabel("peak anonymous RSS above baseline (MB)")
+            ax.set_title(f"load as {dtype}, {nproc} ranks")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"transformers {version} ({cls}): from_pretrained under FSDP cpu-ram-efficient loading")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", type=float, nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--budget-gb", type=float, default=20)
+    p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "hf_fsdp_loadfix_bench"))
+    p.add_argument("--out", default=RESULTS)
+    args = p.parse_args()
+
+    import transformers
+
+    version = transformers.__version__
+    cls = (versions.class_for(version) or "unsupported").upper()
+    rows = sweep(args, version)
+    stem = os.path.join(args.out, f"sweep-{version}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(rows, version, cls))
+    plot(rows, version, cls, stem + ".png")
+    print(open(stem + ".md").read())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""``hf-fsdp-loadfix status|check`` (also ``python -m hf_fsdp_loadfix``)."""
+
+import argparse
+import json
+import sys
+
+
+def status_text(report: dict) -> str:
+    applied = f"applied ({report['class']})" if report["applied"] else f"NOT applied: {report['reason']}"
+    hook = report["startup_hook"]
+    lines = [
+        f"hf-fsdp-loadfix {report['hf_fsdp_loadfix']} (supports transformers {report['supported']})",
+        "installed:       " + ", ".join(f"{d} {report[d] or 'not installed'}"
+                                        for d in ("transformers", "torch", "accelerate")),
+        f"behaviour class: {report['class'] or 'none (outside the supported range)'}",
+        f"patch:           {applied}",
+        f"accelerate fix:  {report['accelerate_fix']}",
+        f"startup hook:    {'installed: ' + hook if hook else 'not installed: import hf_fsdp_loadfix in your script'}",
+        f"options:         {', '.join(f'{k}={v}' for k, v in (report['options'] or {}).items()) or 'invalid'}",
+        f"this process:    {report['process']}",
+    ]
+    lines += [f"trap:            {t}" for t in report["traps"]] or ["traps:           none in this environment"]
+    return "\n".join(lines)
+
+
+def status(as_json: bool) -> int:
+    """Import transformers (and accelerate) so the report says what a training process would get."""
+    import hf_fsdp_loadfix
+
+    for module in ("transformers.modeling_utils", "accelerate.utils.fsdp_utils"):
+        try:
+            __import__(module)
+        except ImportError:
+            pass
+        except ValueError as err:  # a junk HF_FSDP_LOADFIX* value, raised by the post-import hook
+            print(f"error: {err}", file=sys.stderr)
+    report = hf_fsdp_loadfix.status()
+    print(json.dumps(report, indent=1) if as_json else status_text(report))
+    return 0 if report["applied"] else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-fsdp-loadfix", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("status", help="versions, behaviour class, whether the patch is applied or why not, traps")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("check", help="load a model on N CPU ranks without and with the patch and compare")
+    p.add_argument("--model", help="a local checkpoint directory (default: a small Llama built locally)")
+    p.add_argument("--nproc", type=int, default=2, help="number of ranks (default 2)")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype to load as (default float32: a cast from the bf16 checkpoint)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    if args.command == "status":
+        return status(args.json)
+    if args.nproc < 2:
+        parser.error("--nproc must be at least 2")
+    from ._check import check
+
+    return check(args.model, args.nproc, args.dtype, args.json)

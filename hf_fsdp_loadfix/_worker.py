@@ -1,0 +1,240 @@
+"""One rank of an FSDP cpu-ram-efficient load, as ``hf-fsdp-loadfix check`` and the benchmarks run it.
+
+    python -m hf_fsdp_loadfix._worker --ckpt DIR --out DIR [--dtype float32] [--load-only]
+
+``from_pretrained`` under transformers' FSDP gate with the peak anonymous RSS sampled from /proc, then (unless
+``--load-only``) FSDP2 ``fully_shard`` + ``set_model_state_dict(broadcast_from_rank0=True)``, the full state dict
+compared bitwise with the checkpoint file, and a forward pass. Writes ``rank<N>.json`` into ``--out``.
+:func:`launch` starts N such processes with the variables torchrun would set.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def rss_anon_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class PeakSampler(threading.Thread):
+    """Samples RssAnon every 0.5 ms until :meth:`finish`; ``base`` is the value when created."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.base = self.peak = rss_anon_kb()
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, rss_anon_kb())
+            time.sleep(0.0005)
+
+    def finish(self) -> int:
+        """Peak above the base, in KB."""
+        self.stop.set()
+        self.join()
+        return max(self.peak, rss_anon_kb()) - self.base
+
+
+def digest(t) -> str:
+    import torch
+
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return hashlib.sha1(t.numpy().tobytes()).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv, out, nproc=2, env=None, timeout=600, node_rank=0, nnodes=1, port=None):
+    """Run ``python *argv --out out`` on ``nproc`` local gloo ranks; return [(returncode, output)] and the
+    ``rank<N>.json`` each wrote (None where it wrote none)."""
+    port = port or free_port()
+    procs = []
+    for local in range(nproc):
+        rank = node_rank * nproc + local
+        penv = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(local),
+                "WORLD_SIZE": str(nproc * nnodes), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        procs.append(subprocess.Popen([sys.executable, *argv, "--out", str(out)], env=penv,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            try:
+                text, _ = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                text = proc.communicate()[0] + f"\n[killed after {timeout} s]"
+            outputs.append((proc.returncode, text))
+    finally:
+        for proc in procs:
+            proc.kill()
+    results = []
+    for local in range(nproc):
+        path = os.path.join(str(out), f"rank{node_rank * nproc + local}.json")
+        results.append(json.load(open(path)) if os.path.exists(path) else None)
+    return outputs, results
+
+
+def dtype_kwargs(dtype: str) -> dict:
+    import torch
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: dtype if dtype == "auto" else getattr(torch, dtype)}
+
+
+def model_class(ckpt: str):
+    """The class named in the checkpoint's config (``architectures``), else ``AutoModel``."""
+    import transformers
+
+    archs = getattr(transformers.AutoConfig.from_pretrained(ckpt), "architectures", None) or []
+    return next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), transformers.AutoModel)
+
+
+def load(cls, ckpt: str, **kwargs):
+    """``from_pretrained`` with peak anonymous RSS and wall time; returns (model, loading info, measurements)."""
+    sampler = PeakSampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    model, info = cls.from_pretrained(ckpt, output_loading_info=True, **kwargs)
+    load_s = time.perf_counter() - t0
+    peak = sampler.finish()
+    return model, info, {"load_s": load_s, "rss_base_kb": sampler.base, "rss_peak_delta_kb": peak,
+                         "rss_after_delta_kb": rss_anon_kb() - sampler.base}
+
+
+def describe(model) -> dict:
+    """Where every state-dict entry lives, the non-persistent buffers (digested), and tying."""
+    npb = {}
+    for mod_name, module in model.named_modules():
+        for name in module._non_persistent_buffers_set:
+            buf = module._buffers.get(name)
+            if buf is not None:
+                npb[f"{mod_name}.{name}" if mod_name else name] = {
+                    "device": buf.device.type, "dtype": str(buf.dtype),
+                    "digest": None if buf.device.type == "meta" else digest(buf)}
+    in_emb, out_emb = model.get_input_embeddings(), model.get_output_embeddings()
+    return {
+        "state": {k: {"device": v.device.type, "shape": list(v.shape), "dtype": str(v.dtype)}
+                  for k, v in model.state_dict().items()},
+        "non_persistent": npb,
+        "tied": out_emb is not None and in_emb.weight is out_emb.weight,
+    }
+
+
+def shard_native(model, rank: int):
+    """FSDP2 on the root module, then rank 0's full state dict broadcast into the shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    full_sd = model.state_dict() if rank == 0 else {}
+    fully_shard(model)
+    model.tie_weights()  # 4.x T5 ties whole modules: point every alias at the sharded parameter
+    set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def full_state(model) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+def compare_to_checkpoint(full: dict, ckpt: str) -> dict:
+    """Bitwise comparison (after a cast to the loaded dtype) of every key the checkpoint files also hold."""
+    import torch
+    from safetensors import safe_open
+
+    mismatch, compared = [], 0
+    for f in sorted(os.listdir(ckpt)):
+        path = os.path.join(ckpt, f)
+        if f.endswith(".safetensors"):
+            with safe_open(path, "pt") as st:
+                tensors = ((k, st.get_tensor(k)) for k in st.keys() if k in full)
+                for k, t in tensors:
+                    compared += 1
+                    if not torch.equal(full[k].cpu(), t.to(full[k].dtype)):
+                        mismatch.append(k)
+        elif f.endswith(".bin"):
+            for k, t in torch.load(path, weights_only=True, map_location="cpu").items():
+                if k in full:
+                    compared += 1
+                    if not torch.equal(full[k].cpu(), t.to(full[k].dtype)):
+                        mismatch.append(k)
+    return {"checkpoint_keys_compared": compared, "mismatch_vs_checkpoint": sorted(mismatch)}
+
+
+def forward(model):
+    """Logits of a fixed 8-token input (``decoder_input_ids`` too for encoder-decoders), as float32."""
+    import torch
+
+    cfg = model.config
+    vocab = getattr(cfg, "vocab_size", None) or getattr(cfg.get_text_config(), "vocab_size", 100)
+    ids = torch.arange(1, 9).reshape(1, 8) % vocab
+    kwargs = {"decoder_input_ids": ids} if cfg.is_encoder_decoder else {}
+    with torch.no_grad():
+        out = model(input_ids=ids, **kwargs)
+    return (out.logits if getattr(out, "logits", None) is not None else out[0]).float()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--load-only", action="store_true")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    os.environ.setdefault("ACCELERATE_USE_FSDP", "true")
+    os.environ.setdefault("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    import torch
+    import torch.distributed as dist
+    import transformers
+
+    import hf_fsdp_loadfix
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    cls, kwargs = model_class(args.ckpt), dtype_kwargs(args.dtype)
+    dist.barrier()
+    model, info, measured = load(cls, args.ckpt, **kwargs)
+    result = {"rank": rank, "transformers": transformers.__version__, "status": hf_fsdp_loadfix.status(),
+              **measured, **describe(model), "missing_keys": sorted(info["missing_keys"])}
+    if not args.load_only:
+        model = shard_native(model, rank)
+        full = full_state(model)
+        result.update(compare_to_checkpoint(full, args.ckpt))
+        result["state_digest"] = hashlib.sha1("".join(k + digest(full[k]) for k in sorted(full)).encode()).hexdigest()
+        try:
+            logits = forward(model)
+            result.update(logits_digest=digest(logits), logits_nan=bool(torch.isnan(logits).any()))
+        except Exception as err:  # a model whose forward needs more than input_ids
+            result["logits_error"] = f"{type(err).__name__}: {err}"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
