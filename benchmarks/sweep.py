@@ -99,6 +99,9 @@ def markdown(rows, version, cls):
     patched = [max(r["peak_mb"][1:]) for r in rows if r["patched"] and "peak_mb" in r]
     lines += ["", f"Patched non-rank-0 peak over all runs: max {max(patched):.1f} MB "
               f"(target ≤ {PEAK_LIMIT_MB} MB: {'met' if max(patched) <= PEAK_LIMIT_MB else 'NOT met'})."]
+    lines += [f"Skipped: {r['params'] / 1e9:.2f}B {r['load_dtype']} {r['nproc']} ranks "
+              f"{'patched' if r['patched'] else 'upstream'}: {r['skipped']} (over --budget-gb on this machine)."
+              for r in rows if "skipped" in r]
     return "\n".join(lines) + "\n"
 
 
@@ -125,7 +128,7 @@ def plot(rows, version, cls, path):
                         label=f"rank 0, {label}")
                 ax.plot(x, [max(max(r["peak_mb"][1:]), 0.1) for r in runs], style, color="tab:red", marker="s",
                         label=f"non-rank-0 (max), {label}")
-            ax.axhline(PEAK_LIMIT_MB, color="grey", linewidth=0.8, linestyle=":")
+            ax.axhline(PEAK_LIMIT_MB, color="grey", linewidth=0.8, linestyle=":", label=f"{PEAK_LIMIT_MB} MB target")
             ax.set_yscale("log")
             ax.set_xlabel("parameters (billions)")
             ax.set_ylabel("peak anonymous RSS above baseline (MB)")
@@ -144,13 +147,18 @@ def main():
     p.add_argument("--budget-gb", type=float, default=20)
     p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "hf_fsdp_loadfix_bench"))
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--from-json", help="only rewrite the table and plot from an earlier run's JSON")
     args = p.parse_args()
 
-    import transformers
+    if args.from_json:
+        rows = json.load(open(args.from_json))
+        version = rows[0]["transformers"]
+    else:
+        import transformers
 
-    version = transformers.__version__
+        version = transformers.__version__
+        rows = sweep(args, version)
     cls = (versions.class_for(version) or "unsupported").upper()
-    rows = sweep(args, version)
     stem = os.path.join(args.out, f"sweep-{version}")
     os.makedirs(args.out, exist_ok=True)
     with open(stem + ".json", "w") as f:

@@ -57,4 +57,8 @@ def main(argv=None) -> int:
         parser.error("--nproc must be at least 2")
     from ._check import check
 
-    return check(args.model, args.nproc, args.dtype, args.json)
+    try:
+        return check(args.model, args.nproc, args.dtype, args.json)
+    except (ImportError, OSError, ValueError) as err:  # no transformers, an unreadable --model, a junk variable
+        print(f"error: {err}", file=sys.stderr)
+        return 2
