@@ -16,9 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # The package's measuring helpers, loaded from their file so that this process does not import the package
 # itself: with --patch 0 only the startup hook (or nothing) can have patched transformers.
-_spec = importlib.util.spec_from_file_location(
-    "_loadfix_worker", os.path.join(importlib.util.find_spec("hf_fsdp_loadfix").submodule_search_locations[0],
-                                    "_worker.py"))
+_PACKAGE_DIR = importlib.util.find_spec("hf_fsdp_loadfix").submodule_search_locations[0]
+_spec = importlib.util.spec_from_file_location("_loadfix_worker", os.path.join(_PACKAGE_DIR, "_worker.py"))
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
 
