@@ -196,6 +196,27 @@ def forward(model):
     return (out.logits if getattr(out, "logits", None) is not None else out[0]).float()
 
 
+def init_rank() -> int:
+    """The variables accelerate sets for FSDP cpu-ram-efficient loading, and a gloo process group; the rank."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("ACCELERATE_USE_FSDP", "true")
+    os.environ.setdefault("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    dist.init_process_group("gloo")
+    return dist.get_rank()
+
+
+def finish(result: dict, out: str) -> None:
+    """Write this rank's JSON, wait for the others, leave the process group."""
+    import torch.distributed as dist
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"rank{result['rank']}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt", required=True)
@@ -204,16 +225,13 @@ def main():
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    os.environ.setdefault("ACCELERATE_USE_FSDP", "true")
-    os.environ.setdefault("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    rank = init_rank()
     import torch
     import torch.distributed as dist
     import transformers
 
     import hf_fsdp_loadfix
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
     cls, kwargs = model_class(args.ckpt), dtype_kwargs(args.dtype)
     dist.barrier()
     model, info, measured = load(cls, args.ckpt, **kwargs)
@@ -229,11 +247,7 @@ def main():
             result.update(logits_digest=digest(logits), logits_nan=bool(torch.isnan(logits).any()))
         except Exception as err:  # a model whose forward needs more than input_ids
             result["logits_error"] = f"{type(err).__name__}: {err}"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(result, args.out)
 
 
 if __name__ == "__main__":

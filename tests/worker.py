@@ -8,7 +8,6 @@ plain single-process load, and run a forward pass.
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 
@@ -34,13 +33,10 @@ def main():
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    os.environ.setdefault("ACCELERATE_USE_FSDP", "true")
-    os.environ.setdefault("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    rank = helpers.init_rank()
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
     if args.patch:
         import hf_fsdp_loadfix  # noqa: F401
     import transformers
@@ -64,11 +60,7 @@ def main():
     }
     if args.mode != "load":
         result.update(shard_and_compare(model, args, cls, load_kwargs, rank))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    helpers.finish(result, args.out)
 
 
 def shard_and_compare(model, args, cls, load_kwargs, rank):
