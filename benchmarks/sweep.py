@@ -74,28 +74,22 @@ def sweep(args, version):
 def markdown(rows, version, cls):
     lines = [f"# transformers {version} ({cls}): peak anonymous RSS during from_pretrained", "",
              "MB above each rank's baseline, sampled from /proc/self/status every 0.5 ms; bf16 safetensors Llama "
-             "checkpoints built locally; CPU, gloo; `python benchmarks/sweep.py`.", "",
-             "| params | load dtype | ranks | rank 0 upstream | rank 0 patched | non-rank-0 upstream (max) | "
-             "non-rank-0 patched (max) | non-rank-0 load s upstream / patched | non-rank-0 params on, patched |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "checkpoints built locally; CPU, gloo; `python benchmarks/sweep.py`. Each cell: upstream / patched.", "",
+             "| params | load dtype | ranks | rank 0 MB | non-rank-0 MB (max) | non-rank-0 load s | "
+             "non-rank-0 params on |", "|---|---|---|---|---|---|---|"]
+
+    def cells(run):  # (rank 0 peak, max non-rank-0 peak, max non-rank-0 load time, non-rank-0 placement)
+        if "skipped" in run:
+            return ("skipped",) * 4
+        return (f"{run['peak_mb'][0]:.1f}", f"{max(run['peak_mb'][1:]):.1f}", f"{max(run['load_s'][1:]):.2f}",
+                ",".join(run["non_rank0_devices"]))
+
     runs = {(r["params"], r["load_dtype"], r["nproc"], r["patched"]): r for r in rows}
     for (params, dtype, nproc, patched), r in runs.items():
-        if patched:
-            continue
-        p = runs[(params, dtype, nproc, True)]
-
-        def cell(run, what):
-            if "skipped" in run:
-                return "skipped"
-            if what == "rank0":
-                return f"{run['peak_mb'][0]:.1f}"
-            if what == "rest":
-                return f"{max(run['peak_mb'][1:]):.1f}"
-            return f"{max(run['load_s'][1:]):.2f}"
-
-        lines.append(f"| {params / 1e9:.2f}B | {dtype} | {nproc} | {cell(r, 'rank0')} | {cell(p, 'rank0')} | "
-                     f"{cell(r, 'rest')} | {cell(p, 'rest')} | {cell(r, 's')} / {cell(p, 's')} | "
-                     f"{','.join(p.get('non_rank0_devices', []))} |")
+        if not patched:
+            pairs = zip(cells(r), cells(runs[(params, dtype, nproc, True)]))
+            lines.append(f"| {params / 1e9:.2f}B | {dtype} | {nproc} | "
+                         + " | ".join(f"{up} / {fixed}" for up, fixed in pairs) + " |")
     patched = [max(r["peak_mb"][1:]) for r in rows if r["patched"] and "peak_mb" in r]
     lines += ["", f"Patched non-rank-0 peak over all runs: max {max(patched):.1f} MB "
               f"(target ≤ {PEAK_LIMIT_MB} MB: {'met' if max(patched) <= PEAK_LIMIT_MB else 'NOT met'})."]
