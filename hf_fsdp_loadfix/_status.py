@@ -35,7 +35,8 @@ def traps() -> list[str]:
         found.append("FSDP_CPU_RAM_EFFICIENT_LOADING is set but ACCELERATE_USE_FSDP is not: every rank loads the "
                      "full checkpoint (transformers 5.x TrainingArguments no longer sets ACCELERATE_USE_FSDP)")
     local = os.environ.get("LOCAL_RANK")
-    if efficient and use_fsdp and local is None:
+    global_source = os.environ.get("HF_FSDP_LOADFIX_SOURCE", "").strip().lower() == "global"  # rank from the group
+    if efficient and use_fsdp and local is None and not global_source:
         found.append("LOCAL_RANK is not set: transformers treats every process, global rank 0 included, as "
                      "non-local-rank-0, so no process loads the weights (launch with torchrun or accelerate launch)")
     if local is not None and not local.strip().lstrip("-").isdigit():
