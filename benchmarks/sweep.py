@@ -13,6 +13,7 @@ Writes benchmarks/results/sweep-<transformers>.{json,md,png}.
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -34,7 +35,7 @@ def checkpoint(size, root):
         build_llama(path, hidden, layers)
     with open(os.path.join(path, "model.safetensors"), "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    params = sum(int(__import__("math").prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
+    params = sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     return path, params
 
 

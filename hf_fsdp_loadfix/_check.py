@@ -18,25 +18,20 @@ def build_llama(path: str, hidden: int, layers: int, vocab: int = 32000, seed: i
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging
 
+    from ._worker import dtype_kwargs
+
     logging.disable_progress_bar()
     heads = max(4, hidden // 128)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.6875) // 64 * 64,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
                       max_position_embeddings=256, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM._from_config(cfg, **{"torch_dtype" if _old() else "dtype": torch.bfloat16})
+    model = LlamaForCausalLM._from_config(cfg, **dtype_kwargs("bfloat16"))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.05)
     model.save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
-
-
-def _old() -> bool:
-    import transformers
-    from packaging.version import Version
-
-    return Version(transformers.__version__) < Version("4.56")
 
 
 def evaluate(outputs, results) -> list[str]:
