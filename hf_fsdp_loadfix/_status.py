@@ -44,9 +44,9 @@ def traps() -> list[str]:
     return found
 
 
-def _process_role() -> str:
-    """Would a ``from_pretrained`` here take the non-rank-0 path?  Mirrors transformers' gate and names the trap."""
-    junk = [t for t in traps() if "is not a" in t]
+def _process_role(found: list[str]) -> str:
+    """Would a ``from_pretrained`` here take the non-rank-0 path?  Mirrors transformers' gate; ``found``: traps()."""
+    junk = [t for t in found if "is not a" in t]
     if junk:
         return "; ".join(junk)
     use_fsdp, efficient = _flags()
@@ -79,6 +79,7 @@ def report(state: dict) -> dict:
         env_error, options = None, {"buffers": _config.buffers(), "source": _config.source()}
     except ValueError as err:
         env_error, options = str(err), None
+    found = traps()
     return {
         "hf_fsdp_loadfix": __version__,
         "transformers": version,
@@ -91,7 +92,7 @@ def report(state: dict) -> dict:
         "accelerate_fix": state["accelerate"],
         "options": options,
         "startup_hook": startup_hook(),
-        "process": _process_role(),
-        "traps": traps(),
+        "process": _process_role(found),
+        "traps": found,
         "checkpoint_check": _checkpoint.last["check"],
     }

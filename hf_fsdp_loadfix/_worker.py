@@ -159,27 +159,30 @@ def full_state(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
-def compare_to_checkpoint(full: dict, ckpt: str) -> dict:
-    """Bitwise comparison (after a cast to the loaded dtype) of every key the checkpoint files also hold."""
+def _checkpoint_tensors(ckpt: str, wanted):
+    """(key, tensor) for the ``wanted`` keys in the checkpoint's safetensors and .bin files, one file at a time."""
     import torch
     from safetensors import safe_open
 
-    mismatch, compared = [], 0
     for f in sorted(os.listdir(ckpt)):
         path = os.path.join(ckpt, f)
         if f.endswith(".safetensors"):
             with safe_open(path, "pt") as st:
-                tensors = ((k, st.get_tensor(k)) for k in st.keys() if k in full)
-                for k, t in tensors:
-                    compared += 1
-                    if not torch.equal(full[k].cpu(), t.to(full[k].dtype)):
-                        mismatch.append(k)
+                yield from ((k, st.get_tensor(k)) for k in st.keys() if k in wanted)
         elif f.endswith(".bin"):
-            for k, t in torch.load(path, weights_only=True, map_location="cpu").items():
-                if k in full:
-                    compared += 1
-                    if not torch.equal(full[k].cpu(), t.to(full[k].dtype)):
-                        mismatch.append(k)
+            yield from ((k, t) for k, t in torch.load(path, weights_only=True, map_location="cpu").items()
+                        if k in wanted)
+
+
+def compare_to_checkpoint(full: dict, ckpt: str) -> dict:
+    """Bitwise comparison (after a cast to the loaded dtype) of every key the checkpoint files also hold."""
+    import torch
+
+    compared, mismatch = 0, []
+    for k, t in _checkpoint_tensors(ckpt, full):
+        compared += 1
+        if not torch.equal(full[k].cpu(), t.to(full[k].dtype)):
+            mismatch.append(k)
     return {"checkpoint_keys_compared": compared, "mismatch_vs_checkpoint": sorted(mismatch)}
 
 
