@@ -21,7 +21,7 @@ _MODULE = "transformers.modeling_utils"
 _ACCELERATE = "accelerate.utils.fsdp_utils"
 _lock = threading.RLock()
 _state = {"wanted": False, "hook": False, "class": None, "reason": "apply() not called", "originals": {},
-          "accelerate": "not imported"}
+          "accelerate": "not imported", "case": None}
 
 
 def apply() -> None:
@@ -53,7 +53,7 @@ def revert() -> None:
         for (owner, attr), original in _state["originals"].items():
             setattr(owner, attr, original)
         _state["originals"] = {}
-        _state["class"], _state["reason"], _state["accelerate"] = None, "reverted", "reverted"
+        _state["class"], _state["reason"], _state["accelerate"], _state["case"] = None, "reverted", "reverted", None
 
 
 def status() -> dict:
@@ -77,21 +77,30 @@ class _Retry:
         return None
 
 
-def _select(pretrained_model_cls, version: str, force: bool):
-    """(patch set, None) or (None, why not)."""
+def _select(modeling_utils, version: str):
+    """(patch set, None when the release is tested, else why it is patched untested) or (None, why not)."""
     from . import versions
 
     name = versions.class_for(version)
-    if name is None and not force:
-        return None, (
-            f"transformers {version} is outside the supported range {versions.SUPPORTED}; not patched "
-            "(upgrade hf-fsdp-loadfix, or set HF_FSDP_LOADFIX_FORCE=1 to try the newest patch set)"
-        )
+    newer = versions.newer_than_table(version)
+    if name is None and not _config.forced():
+        if not newer:
+            return None, (
+                f"transformers {version} is older than the supported range {versions.SUPPORTED}; not patched "
+                "(set HF_FSDP_LOADFIX_FORCE=1 to try the newest patch set)"
+            )
+        if _config.strict():
+            return None, (
+                f"transformers {version} is newer than the newest tested release {versions.NEWEST_TESTED} and "
+                "HF_FSDP_LOADFIX_STRICT=1; not patched"
+            )
     patches = importlib.import_module(f".classes.{name or versions.NEWEST}", __name__).PATCHES
-    mismatch = patches.mismatch(pretrained_model_cls)
+    mismatch = patches.mismatch(modeling_utils)
     if mismatch:
         return None, f"transformers {version} does not have the structure of {patches.name}: {mismatch}; not patched"
-    return patches, None
+    if name:
+        return patches, None
+    return patches, f"newer than {versions.NEWEST_TESTED}" if newer else "HF_FSDP_LOADFIX_FORCE=1"
 
 
 def _wrap(owner, attr, wrapper) -> None:
@@ -113,17 +122,21 @@ def _on_import(modeling_utils) -> None:
 
         from . import _runtime
 
-        cls = modeling_utils.PreTrainedModel
-        patches, why = _select(cls, transformers.__version__, _config.forced())
+        cls, version = modeling_utils.PreTrainedModel, transformers.__version__
+        patches, why = _select(modeling_utils, version)
         if patches is None:
             if _state["reason"] != why:  # one warning per process
                 warnings.warn(f"hf_fsdp_loadfix: {why}", RuntimeWarning, stacklevel=2)
-            _state["reason"] = why
+            _state["reason"], _state["case"] = why, f"refused: {why}"
             return
         for attr, (wrapper, _) in patches.targets.items():
             _wrap(cls, attr, wrapper)
         _wrap(modeling_utils, "is_local_dist_rank_0", _runtime.local_dist_rank_0)  # HF_FSDP_LOADFIX_SOURCE
         _state["class"], _state["reason"] = patches.name, None
+        _state["case"] = f"untested ({why}), structure matches {patches.name}" if why else "tested"
+        if why:
+            warnings.warn(f"hf_fsdp_loadfix: transformers {version} is untested ({why}); patched because its "
+                          f"structure matches {patches.name}", RuntimeWarning, stacklevel=2)
 
 
 def _on_accelerate_import(fsdp_utils) -> None:

@@ -1,27 +1,66 @@
-"""accelerate 1.6.0-1.15.x: ``fsdp2_load_full_state_dict`` assumes every state-dict entry is a DTensor, so a
-persistent plain-tensor buffer (DeepSeek-V3's ``e_score_correction_bias``) crashes it on rank 0 with
-``'Tensor' object has no attribute 'device_mesh'`` (accelerate#3898). The wrapper broadcasts such buffers whole
+"""accelerate 1.6.0-1.15.0 (recognised by structure): ``fsdp2_load_full_state_dict`` assumes every state-dict
+entry is a DTensor, so a persistent plain-tensor buffer (DeepSeek-V3's ``e_score_correction_bias``) crashes it on
+rank 0 with ``'Tensor' object has no attribute 'device_mesh'`` (accelerate#3898). The wrapper broadcasts such buffers whole
 from rank 0 (dtype preserved, sorted by name, before accelerate's own broadcasts on every rank) and hides them
 from accelerate while it handles the DTensors exactly as before."""
 
+import ast
+import inspect
+import textwrap
+
 import torch
-from packaging.specifiers import SpecifierSet
-from packaging.version import Version
 
 from ._runtime import _owned_buffers
 
-BROKEN = SpecifierSet(">=1.6.0,<1.16")
 TARGET = "fsdp2_load_full_state_dict"
+PARAMS = ("accelerator", "model", "full_sd")  # what the wrapper passes positionally
 
 
 def mismatch(fsdp_utils) -> str | None:
+    """None when ``fsdp2_load_full_state_dict`` has accelerate#3898's shape (recognised by structure, not by version),
+    else why it is not wrapped."""
     import accelerate
 
-    if not BROKEN.contains(Version(accelerate.__version__), prereleases=True):
-        return f"accelerate {accelerate.__version__} is outside the affected range {BROKEN}"
-    if not callable(getattr(fsdp_utils, TARGET, None)):
-        return f"accelerate.utils.fsdp_utils.{TARGET} is missing"
+    fn = getattr(fsdp_utils, TARGET, None)
+    if not callable(fn):
+        return f"not needed: accelerate {accelerate.__version__} has no {TARGET}"
+    params = tuple(inspect.signature(fn).parameters)
+    if params[:3] != PARAMS:
+        return f"not applied: accelerate's {TARGET}{params} does not start with {PARAMS}"
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn))))
+    except (OSError, TypeError, SyntaxError):
+        return f"not applied: the source of accelerate's {TARGET} is not readable, its shape cannot be recognised"
+    if not unchecked_mesh_loop(tree):
+        return (f"not needed: accelerate {accelerate.__version__}'s {TARGET} handles plain tensors (no loop over "
+                "model.state_dict() reads .device_mesh without a type check)")
     return None
+
+
+def unchecked_mesh_loop(tree) -> bool:
+    """accelerate#3898's shape: a loop over the entries of ``sd = model.state_dict()`` that reads ``.device_mesh`` off
+    an entry without an ``isinstance``/``hasattr`` test of that entry in the loop."""
+
+    def names(node):
+        return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+    state_dicts = {
+        target.id
+        for node in ast.walk(tree) if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+        and isinstance(node.value.func, ast.Attribute) and node.value.func.attr == "state_dict"
+        for target in node.targets if isinstance(target, ast.Name)
+    }
+    for loop in ast.walk(tree):
+        if not (isinstance(loop, ast.For) and state_dicts & names(loop.iter)):
+            continue
+        read = {n.value.id for n in ast.walk(loop)
+                if isinstance(n, ast.Attribute) and n.attr == "device_mesh" and isinstance(n.value, ast.Name)}
+        tested = {n.args[0].id for n in ast.walk(loop)
+                  if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("isinstance", "hasattr")
+                  and n.args and isinstance(n.args[0], ast.Name)}
+        if (read & names(loop.target)) - tested:
+            return True
+    return False
 
 
 def load_full_state_dict(wrapped, instance, args, kwargs):

@@ -9,11 +9,12 @@ def status_text(report: dict) -> str:
     applied = f"applied ({report['class']})" if report["applied"] else f"NOT applied: {report['reason']}"
     hook = report["startup_hook"]
     lines = [
-        f"hf-fsdp-loadfix {report['hf_fsdp_loadfix']} (supports transformers {report['supported']})",
+        f"hf-fsdp-loadfix {report['hf_fsdp_loadfix']} (tested on transformers {report['supported']})",
         "installed:       " + ", ".join(f"{d} {report[d] or 'not installed'}"
                                         for d in ("transformers", "torch", "accelerate")),
         f"behaviour class: {report['class'] or 'none (outside the supported range)'}",
         f"patch:           {applied}",
+        f"release:         {report['case'] or 'not checked'}",
         f"accelerate fix:  {report['accelerate_fix']}",
         f"startup hook:    {'installed: ' + hook if hook else 'not installed: import hf_fsdp_loadfix in your script'}",
         f"options:         {', '.join(f'{k}={v}' for k, v in (report['options'] or {}).items()) or 'invalid'}",

@@ -36,8 +36,14 @@ def enabled() -> bool:
 
 
 def forced() -> bool:
-    """HF_FSDP_LOADFIX_FORCE=1 applies the newest patch set to a release outside the table if its structure matches."""
+    """HF_FSDP_LOADFIX_FORCE=1 applies the newest patch set to a release the policy refuses (older than the table,
+    or newer under STRICT) if its structure matches."""
     return env_flag("HF_FSDP_LOADFIX_FORCE", False)
+
+
+def strict() -> bool:
+    """HF_FSDP_LOADFIX_STRICT=1 patches tested releases only (default: also newer ones whose structure matches)."""
+    return env_flag("HF_FSDP_LOADFIX_STRICT", False)
 
 
 def accelerate_fix() -> bool:
@@ -57,5 +63,5 @@ def source() -> str:
 
 def validate() -> None:
     """Raise on the first junk value among all the package's variables."""
-    for check in (enabled, forced, accelerate_fix, buffers, source):
+    for check in (enabled, forced, strict, accelerate_fix, buffers, source):
         check()

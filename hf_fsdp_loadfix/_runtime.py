@@ -112,6 +112,30 @@ def init_non_persistent_buffers(model) -> None:
     model._is_hf_initialized = True
 
 
+def verify_contract(model) -> None:
+    """Non-rank-0, at the end of loading (local, no collective): every state-dict entry on meta, every non-persistent
+    buffer real and finite. Cheap; guards releases newer than the table against upstream changes the structure
+    check cannot see. Raises naming the entries: under torchrun the agent then stops the other ranks."""
+    real = [k for k, t in model.state_dict(keep_vars=True).items()
+            if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+    bad = [q for _, _, buf, q in _owned_buffers(model, persistent=False)
+           if buf.device.type == "meta" or ((buf.is_floating_point() or buf.is_complex()) and not buf.isfinite().all())]
+    if real or bad:
+        import transformers
+
+        def some(names):
+            return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+        raise RuntimeError(
+            f"hf_fsdp_loadfix: after from_pretrained on this non-local-rank-0 process (transformers "
+            f"{transformers.__version__}) the contract does not hold:"
+            + (f" state-dict entries not on meta: {some(real)};" if real else "")
+            + (f" non-persistent buffers on meta or not finite: {some(bad)};" if bad else "")
+            + " upstream changed in a way the package does not handle. Set HF_FSDP_LOADFIX=0 or use a tested "
+            "transformers release, and report this."
+        )
+
+
 def _fingerprint(buf) -> str:
     if buf.device.type == "meta":
         return "meta"
@@ -188,12 +212,15 @@ def move_missing_keys(wrapped, instance, args, kwargs):
 def initialize_missing_keys(wrapped, instance, args, kwargs):
     """``_initialize_missing_keys`` (every class; 4.x and 5.x signatures differ, ``is_quantized`` is common)."""
     is_quantized = _bind(wrapped, args, kwargs).arguments["is_quantized"]
-    if is_target(is_quantized):
+    target = is_target(is_quantized)
+    if target:
         result = init_non_persistent_buffers(instance)
     else:
         result = wrapped(*args, **kwargs)
     if is_fsdp_load(is_quantized):
         sync_non_persistent_buffers(instance, _config.buffers())
+    if target:
+        verify_contract(instance)  # after the collective above, so that a raise here cannot hang the others
     return result
 
 

@@ -88,6 +88,7 @@ def report(state: dict) -> dict:
         "supported": versions.SUPPORTED,
         "class": state["class"] or (expected.upper() if expected else None),
         "applied": state["class"] is not None,
+        "case": state["case"],  # "tested", "untested (newer than X), structure matches CN", "refused: why"
         "reason": env_error or state["reason"],
         "accelerate_fix": state["accelerate"],
         "options": options,

@@ -1,4 +1,5 @@
-"""Which transformers releases get which patch set, and why.  This table is the supported range."""
+"""Which transformers releases get which patch set, and why.  This table is the tested range; a release newer
+than it gets the newest patch set when its structure matches (``classes.PatchSet.mismatch``)."""
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -12,7 +13,8 @@ TABLE = [
     (">=5.6.0,<5.23.0", "c5", "reads all shards; zeros_like: full model committed per rank; root buffers zero"),
     (">=5.23.0,<5.24.0", "c6", "reads all shards and keeps them; root-owned non-persistent buffers zero"),
 ]
-SUPPORTED = "4.53.0 - 5.23.x"
+NEWEST_TESTED = "5.23.x"
+SUPPORTED = f"4.53.0 - {NEWEST_TESTED}"
 NEWEST = TABLE[-1][1]
 
 
@@ -22,3 +24,9 @@ def class_for(version: str) -> str | None:
         if SpecifierSet(spec).contains(v, prereleases=True):
             return name
     return None
+
+
+def newer_than_table(version: str) -> bool:
+    """After the table's last range (the ranges have no gaps): untested, patched if the structure matches."""
+    last_start = min(Version(spec.version) for spec in SpecifierSet(TABLE[-1][0]))
+    return class_for(version) is None and Version(version) > last_start

@@ -17,4 +17,6 @@ def patch_set(name: str, move_params: tuple[str, ...], init_params: tuple[str, .
             "_move_missing_keys_from_meta_to_cpu": (_runtime.move_missing_keys, move_params),
             "_initialize_missing_keys": (_runtime.initialize_missing_keys, init_params),
         },
+        keywords={"_load_pretrained_model": ("hf_quantizer",)},
+        callers={"_load_pretrained_model": ("_move_missing_keys_from_meta_to_cpu", "_initialize_missing_keys")},
     )

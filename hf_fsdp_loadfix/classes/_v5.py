@@ -3,6 +3,8 @@
 from .. import _runtime
 from . import PatchSet
 
+POST_LOAD = ("_move_missing_keys_from_meta_to_device", "_initialize_missing_keys")
+
 
 def patch_set(name: str, **markers: bool) -> PatchSet:
     return PatchSet(
@@ -21,4 +23,8 @@ def patch_set(name: str, **markers: bool) -> PatchSet:
             "_initialize_missing_keys": (_runtime.initialize_missing_keys, ("is_quantized",)),
         },
         {"_move_missing_keys_from_meta_to_cpu": False, **markers},
+        # C4-C6's post-load caller must still call both (C3 also spans 5.0.0's _finalize_load_state_dict)
+        callers={"_finalize_model_loading": POST_LOAD} if markers.get("_finalize_model_loading") else {},
+        load_config=("is_quantized", "sharded_metadata", "ignore_mismatched_sizes", "weights_only", "device_map"),
+        init_guard=True,
     )
