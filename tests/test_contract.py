@@ -1,7 +1,11 @@
 """The non-rank-0 contract, end to end: 2 gloo ranks, real transformers, real accelerate / native FSDP2."""
 
 import pytest
+import transformers
 from launch import run_ranks
+from packaging.version import Version
+
+from hf_fsdp_loadfix import versions
 
 # Each kind loaded as the checkpoint's dtype (bf16) and cast to fp32, sharded through accelerate's real
 # fsdp2_prepare_model (persistent plain buffers of root_buffer/deepseek_v3 need the package's accelerate fix) and
@@ -26,7 +30,26 @@ def _run(checkpoints, tmp_path, kind, dtype, mode, **kw):
 
 @pytest.mark.parametrize("kind,dtype,mode", CASES)
 def test_non_rank0_contract(checkpoints, tmp_path, kind, dtype, mode):
-    rank0, rank1 = _run(checkpoints, tmp_path, kind, dtype, mode)
+    assert_contract(*_run(checkpoints, tmp_path, kind, dtype, mode), kind, dtype, mode)
+
+
+@pytest.mark.skipif(Version(transformers.__version__) < Version("5.1"),
+                    reason="C6's structure does not fit: the relabelled release is refused (tests/test_gate.py)")
+def test_next_minor_release_patched_by_structure(checkpoints, tmp_path):
+    """The newest tested release labelled as the next minor: patched without FORCE, one warning per rank, and the
+    contract holds (root-owned non-persistent buffer, persistent plain buffer, accelerate's FSDP2 broadcast)."""
+    outputs, (rank0, rank1) = run_ranks(["--ckpt", checkpoints("root_buffer"), "--kind", "root_buffer",
+                                         "--mode", "accelerate", "--relabel", "5.24.0"], tmp_path)
+    for rc, text in outputs:
+        assert rc == 0, text[-4000:]
+        assert text.count("transformers 5.24.0 is untested") == 1, text[-4000:]
+    for r in (rank0, rank1):
+        assert r["transformers"] == "5.24.0"
+        assert r["status"]["case"] == f"untested (newer than {versions.NEWEST_TESTED}), structure matches C6"
+    assert_contract(rank0, rank1, "root_buffer", "auto", "accelerate")
+
+
+def assert_contract(rank0, rank1, kind, dtype, mode):
     assert rank0["status"]["applied"] and rank1["status"]["applied"], rank1["status"]
 
     # 1. every state-dict entry on meta with exactly rank 0's shape and dtype; rank 0 real

@@ -52,17 +52,21 @@ def test_version_table(version, expected):
     assert versions.class_for(version) == expected
 
 
+@pytest.mark.parametrize("version,newer", [("4.52.4", False), ("5.23.1", False), ("5.24.0", True),
+                                           ("5.24.0.dev0", True), ("6.0.0", True)])
+def test_newer_than_table(version, newer):
+    assert versions.newer_than_table(version) == newer
+
+
 def test_structure_check_tells_4x_from_5x():
     import importlib
 
-    from transformers.modeling_utils import PreTrainedModel
+    import transformers.modeling_utils as mu
 
     name = versions.class_for(transformers.__version__)
-    assert importlib.import_module(f"hf_fsdp_loadfix.classes.{name}").PATCHES.mismatch(PreTrainedModel) is None
+    assert importlib.import_module(f"hf_fsdp_loadfix.classes.{name}").PATCHES.mismatch(mu) is None
     other = "c6" if IS_4 else "c2"
-    assert "PreTrainedModel." in importlib.import_module(f"hf_fsdp_loadfix.classes.{other}").PATCHES.mismatch(
-        PreTrainedModel
-    )
+    assert "PreTrainedModel." in importlib.import_module(f"hf_fsdp_loadfix.classes.{other}").PATCHES.mismatch(mu)
 
 
 def test_import_is_lazy_then_patches_on_transformers_import():
@@ -102,35 +106,111 @@ def test_startup_hook_fixes_unmodified_script(checkpoints, tmp_path):
     assert rank1["non_persistent"] == rank0["non_persistent"]
 
 
-def test_unknown_version_refused_with_one_warning():
-    out = py_json("""
-        import transformers
-        transformers.__version__ = "5.99.0"
+# C6's structure (the newest patch set) fits 5.1+; 5.0.0 lacks _finalize_model_loading, 4.x is another shape
+C6_FITS = Version(transformers.__version__) >= Version("5.1")
+
+RELABEL = """
+    import transformers
+    transformers.__version__ = LABEL  # before transformers.modeling_utils is imported: the package sees this release
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            import hf_fsdp_loadfix, transformers.modeling_utils
-            hf_fsdp_loadfix.apply(); hf_fsdp_loadfix.apply()
-        ours = [str(w.message) for w in caught if "hf_fsdp_loadfix" in str(w.message)]
-        print(json.dumps([ours, hf_fsdp_loadfix.status(), wrapped_attrs()]))
-    """)
-    messages, status, wrapped = out
-    assert len(messages) == 1 and "5.99.0" in messages[0] and versions.SUPPORTED in messages[0]
-    assert not status["applied"] and "5.99.0" in status["reason"] and wrapped == []
+        import hf_fsdp_loadfix, transformers.modeling_utils
+        hf_fsdp_loadfix.apply(); hf_fsdp_loadfix.apply()
+    ours = [str(w.message) for w in caught if "hf_fsdp_loadfix" in str(w.message)]
+"""
+
+
+def relabelled(label, env=None, then="print(json.dumps([ours, hf_fsdp_loadfix.status(), wrapped_attrs()]))"):
+    return py_json(textwrap.dedent(RELABEL.replace("LABEL", repr(label))) + textwrap.dedent(then), env=env)
+
+
+def test_older_release_refused_with_one_warning():
+    messages, status, wrapped = relabelled("4.52.4")
+    assert len(messages) == 1 and "4.52.4 is older" in messages[0] and versions.SUPPORTED in messages[0]
+    assert not status["applied"] and status["case"] == f"refused: {status['reason']}" and wrapped == []
+
+
+def test_next_minor_patched_by_structure_with_one_warning_strict_refuses():
+    """The newest tested release labelled as the next minor: patched without FORCE when C6's structure fits, one
+    warning naming both releases; refused for structure where it does not (4.x, 5.0.0); STRICT keeps the refusal."""
+    messages, status, wrapped = relabelled("5.24.0")
+    assert len(messages) == 1 and "5.24.0" in messages[0]
+    if C6_FITS:
+        assert status["applied"] and status["class"] == "C6" and wrapped == sorted(TARGETS_5)
+        assert status["case"] == f"untested (newer than {versions.NEWEST_TESTED}), structure matches C6"
+        assert messages[0] == (f"hf_fsdp_loadfix: transformers 5.24.0 is untested (newer than {versions.NEWEST_TESTED});"
+                               " patched because its structure matches C6")
+    else:
+        assert not status["applied"] and wrapped == [] and "does not have the structure of C6" in messages[0]
+        assert status["case"] == f"refused: {status['reason']}" and "PreTrainedModel._finalize_model_loading is " \
+            "missing" in status["reason"]
+    messages, status, wrapped = relabelled("5.24.0", env={"HF_FSDP_LOADFIX_STRICT": "1"})
+    assert len(messages) == 1 and "HF_FSDP_LOADFIX_STRICT=1" in messages[0] and versions.NEWEST_TESTED in messages[0]
+    assert not status["applied"] and wrapped == [] and "HF_FSDP_LOADFIX_STRICT=1" in status["case"]
 
 
 def test_force_applies_newest_class_when_structure_matches():
-    out = py_json("""
-        import transformers
-        transformers.__version__ = "5.99.0"
-        import hf_fsdp_loadfix, transformers.modeling_utils
-        print(json.dumps([hf_fsdp_loadfix.status(), wrapped_attrs()]))
-    """, env={"HF_FSDP_LOADFIX_FORCE": "1"})
-    status, wrapped = out
-    if Version(transformers.__version__) < Version("5.1"):  # no _finalize_model_loading: C6 does not fit
-        assert not status["applied"] and "structure of C6" in status["reason"] and wrapped == []
-    else:
+    """FORCE keeps its meaning for a release the policy refuses: older than the table, or newer under STRICT."""
+    messages, status, wrapped = relabelled("4.52.4", env={"HF_FSDP_LOADFIX_FORCE": "1", "HF_FSDP_LOADFIX_STRICT": "1"})
+    if C6_FITS:
         assert status["applied"] and status["class"] == "C6" and wrapped == sorted(TARGETS_5)
+        assert status["case"] == "untested (HF_FSDP_LOADFIX_FORCE=1), structure matches C6" and len(messages) == 1
+    else:
+        assert not status["applied"] and "structure of C6" in status["reason"] and wrapped == []
+
+
+BREAK = """
+    import dataclasses, sys
+    mu = sys.modules["transformers.modeling_utils"]
+    cls, init = mu.PreTrainedModel, sys.modules.get("transformers.initialization")
+
+    def renamed(self, *args, quantized=False, **kwargs):  # is_quantized renamed
+        pass
+
+    breaks = [  # (where, attribute, broken value), each one structural element of what the runtime relies on
+        (mu, "is_deepspeed_zero3_enabled", None),
+        (mu, "load_state_dict", lambda checkpoint_file, device="cpu", weights_only=True: {}),
+        (cls, "_initialize_missing_keys", renamed),
+    ]
+    if hasattr(mu, "LoadStateDictConfig"):  # 5.x: a field the loading hook reads removed
+        config = mu.LoadStateDictConfig
+        fields = [f.name for f in dataclasses.fields(config) if f.name != "weights_only"]
+        breaks.append((mu, "LoadStateDictConfig", dataclasses.make_dataclass(
+            "LoadStateDictConfig", fields, namespace={"is_quantized": config.is_quantized})))
+        breaks.append((init, "guard_torch_init_functions", None))
+    found = []
+    for owner, attr, value in breaks:
+        hf_fsdp_loadfix.revert()
+        original = vars(owner)[attr]
+        if value is None:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, value)
+        hf_fsdp_loadfix.apply()
+        found.append([attr, hf_fsdp_loadfix.status(), wrapped_attrs()])
+        setattr(owner, attr, original)
+    hf_fsdp_loadfix.revert(); hf_fsdp_loadfix.apply()
+    print(json.dumps([found, hf_fsdp_loadfix.status()["applied"]]))
+"""
+
+
+def test_broken_structural_element_refused_naming_it():
+    """Each element the runtime relies on, broken in turn on the next-minor label (the release's own label where
+    C6 does not fit): refused, the reason naming it; restored, patched again."""
+    found, restored = relabelled("5.24.0" if C6_FITS else transformers.__version__, then=BREAK)
+    expected = {
+        "is_deepspeed_zero3_enabled": "transformers.modeling_utils.is_deepspeed_zero3_enabled() is missing",
+        "load_state_dict": "transformers.modeling_utils.load_state_dict has no parameter map_location",
+        "_initialize_missing_keys": "PreTrainedModel._initialize_missing_keys(",
+        "LoadStateDictConfig": "LoadStateDictConfig has no weights_only",
+        "guard_torch_init_functions": "transformers.initialization.guard_torch_init_functions is missing",
+    }
+    assert len(found) == (3 if IS_4 else 5)
+    for attr, status, wrapped in found:
+        assert not status["applied"] and wrapped == [], attr
+        assert "does not have the structure of" in status["reason"] and expected[attr] in status["reason"], status
+        assert status["case"] == f"refused: {status['reason']}"
+    assert restored
 
 
 def test_disable_switch():
@@ -141,7 +221,8 @@ def test_disable_switch():
     assert not status["applied"] and "HF_FSDP_LOADFIX=0" in status["reason"] and wrapped == []
 
 
-@pytest.mark.parametrize("var", ["HF_FSDP_LOADFIX", "HF_FSDP_LOADFIX_FORCE", "HF_FSDP_LOADFIX_ACCELERATE",
+@pytest.mark.parametrize("var", ["HF_FSDP_LOADFIX", "HF_FSDP_LOADFIX_FORCE", "HF_FSDP_LOADFIX_STRICT",
+                                 "HF_FSDP_LOADFIX_ACCELERATE",
                                  "HF_FSDP_LOADFIX_BUFFERS", "HF_FSDP_LOADFIX_SOURCE"])
 def test_junk_env_value_is_a_clear_error(var):
     rc, _, err = py("import hf_fsdp_loadfix; import transformers.modeling_utils", env={var: "maybe"})
@@ -225,3 +306,58 @@ def test_accelerate_fix_applied_on_import_and_switchable():
     assert py_json(code) == ["applied", True]
     off = py_json(code, env={"HF_FSDP_LOADFIX_ACCELERATE": "0"})
     assert "disabled" in off[0] and off[1] is False
+
+
+def test_accelerate_fix_recognises_the_3898_shape(tmp_path):
+    """By structure, not version: accelerate's function is wrapped; the same source with upstream's fix (a DTensor
+    check of each state-dict entry, as accelerate PR #3921 does) is not, and says why; nor is a renamed parameter."""
+    import importlib.util
+    import inspect
+    import re
+
+    import accelerate.utils.fsdp_utils as fu
+
+    from hf_fsdp_loadfix import _accelerate
+
+    def module(name, text):
+        (tmp_path / f"{name}.py").write_text("import torch\n" + text)
+        spec = importlib.util.spec_from_file_location(name, tmp_path / f"{name}.py")
+        spec.loader.exec_module(mod := importlib.util.module_from_spec(spec))
+        return mod
+
+    assert _accelerate.mismatch(fu) is None
+    source = inspect.getsource(inspect.unwrap(fu.fsdp2_load_full_state_dict))
+    fixed, loops = re.subn(r"^( *)for .*\bsharded_param\b.*:\n", lambda m: f"{m[0]}{m[1]}    if not isinstance("
+                           f"sharded_param, DTensor):\n{m[1]}        continue\n", source, flags=re.M)
+    assert loops == 2  # rank 0's and the other ranks' loop
+    assert "handles plain tensors" in _accelerate.mismatch(module("fixed", fixed))
+    renamed = source.replace("(accelerator, model", "(accelerator, module", 1)
+    assert "does not start with ('accelerator', 'model', 'full_sd')" in _accelerate.mismatch(module("renamed", renamed))
+
+
+def test_contract_verification_names_what_breaks_it():
+    """The post-load check on non-rank-0 (local, no collective): state dict on meta, non-persistent buffers real
+    and finite; anything else raises naming the entry."""
+    import torch
+
+    from hf_fsdp_loadfix import _runtime
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(2, 2, device="meta")
+            self.register_buffer("table", torch.zeros(2, device="meta"))  # persistent: arrives by broadcast
+            self.register_buffer("inv_freq", torch.ones(2), persistent=False)  # computed locally
+            self.register_buffer("position", torch.arange(2), persistent=False)
+
+    _runtime.verify_contract(Tiny())
+    breaks = {
+        "proj.weight": lambda m: setattr(m.proj, "weight", torch.nn.Parameter(torch.zeros(2, 2))),
+        "table": lambda m: m.register_buffer("table", torch.zeros(2)),
+        "inv_freq": lambda m: m.inv_freq.fill_(float("nan")),
+        "position": lambda m: m.register_buffer("position", torch.arange(2, device="meta"), persistent=False),
+    }
+    for name, breaks_it in breaks.items():
+        breaks_it(model := Tiny())
+        with pytest.raises(RuntimeError, match=rf"contract does not hold: .*\b{name}\b"):
+            _runtime.verify_contract(model)

@@ -30,6 +30,7 @@ def main():
     p.add_argument("--patch", type=int, default=1, help="import hf_fsdp_loadfix explicitly")
     p.add_argument("--ckpt-other", help="the checkpoint path ranks other than 0 see (a node missing a shard)")
     p.add_argument("--seed-per-rank", action="store_true", help="a different RNG stream on each rank")
+    p.add_argument("--relabel", help="set transformers.__version__ to this before the package sees transformers")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -37,6 +38,10 @@ def main():
     import torch
     import torch.distributed as dist
 
+    if args.relabel:
+        import transformers
+
+        transformers.__version__ = args.relabel  # transformers.modeling_utils (the package's trigger) not imported yet
     if args.patch:
         import hf_fsdp_loadfix  # noqa: F401
     import transformers
