@@ -30,6 +30,7 @@ def test_status_text_and_json():
     assert report["transformers"] == transformers.__version__ and report["traps"] == []
     assert report["startup_hook"] and open(report["startup_hook"]).read().strip() == "import hf_fsdp_loadfix"
     assert f"patch:           applied ({CLASS})" in text.stdout
+    assert report["case"] == "tested" and "release:         tested" in text.stdout
     assert f"transformers {transformers.__version__}" in text.stdout
     assert f"startup hook:    installed: {report['startup_hook']}" in text.stdout
 
