@@ -1,8 +1,8 @@
 """accelerate 1.6.0-1.15.0 (recognised by structure): ``fsdp2_load_full_state_dict`` assumes every state-dict
 entry is a DTensor, so a persistent plain-tensor buffer (DeepSeek-V3's ``e_score_correction_bias``) crashes it on
-rank 0 with ``'Tensor' object has no attribute 'device_mesh'`` (accelerate#3898). The wrapper broadcasts such buffers whole
-from rank 0 (dtype preserved, sorted by name, before accelerate's own broadcasts on every rank) and hides them
-from accelerate while it handles the DTensors exactly as before."""
+rank 0 with ``'Tensor' object has no attribute 'device_mesh'`` (accelerate#3898). The wrapper broadcasts such
+buffers whole from rank 0 (dtype preserved, sorted by name, before accelerate's own broadcasts on every rank) and
+hides them from accelerate while it handles the DTensors exactly as before."""
 
 import ast
 import inspect

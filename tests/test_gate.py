@@ -138,12 +138,12 @@ def test_next_minor_patched_by_structure_with_one_warning_strict_refuses():
     if C6_FITS:
         assert status["applied"] and status["class"] == "C6" and wrapped == sorted(TARGETS_5)
         assert status["case"] == f"untested (newer than {versions.NEWEST_TESTED}), structure matches C6"
-        assert messages[0] == (f"hf_fsdp_loadfix: transformers 5.24.0 is untested (newer than {versions.NEWEST_TESTED});"
-                               " patched because its structure matches C6")
+        assert messages[0] == ("hf_fsdp_loadfix: transformers 5.24.0 is untested (newer than "
+                               f"{versions.NEWEST_TESTED}); patched because its structure matches C6")
     else:
         assert not status["applied"] and wrapped == [] and "does not have the structure of C6" in messages[0]
-        assert status["case"] == f"refused: {status['reason']}" and "PreTrainedModel._finalize_model_loading is " \
-            "missing" in status["reason"]
+        assert status["case"] == f"refused: {status['reason']}"
+        assert "PreTrainedModel._finalize_model_loading is missing" in status["reason"]
     messages, status, wrapped = relabelled("5.24.0", env={"HF_FSDP_LOADFIX_STRICT": "1"})
     assert len(messages) == 1 and "HF_FSDP_LOADFIX_STRICT=1" in messages[0] and versions.NEWEST_TESTED in messages[0]
     assert not status["applied"] and wrapped == [] and "HF_FSDP_LOADFIX_STRICT=1" in status["case"]
