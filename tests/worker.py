@@ -59,7 +59,8 @@ def main():
         torch.manual_seed(1234 + rank)
     dist.barrier()
 
-    alone = [load_alone(cls, args.ckpt, load_kwargs, rank, r) for r in range(dist.get_world_size())] if args.alone else []
+    ranks = range(dist.get_world_size()) if args.alone else []
+    alone = [load_alone(cls, args.ckpt, load_kwargs, rank, r) for r in ranks]
     ckpt = args.ckpt_other if args.ckpt_other and rank else args.ckpt
     model, info, measured = helpers.load(cls, ckpt, **load_kwargs)
     result = {
@@ -102,8 +103,8 @@ def load_alone(cls, ckpt, load_kwargs, rank, loader):
         model, _, measured = helpers.load(cls, ckpt, **load_kwargs)
         ref = plain_load(cls, ckpt, load_kwargs)
         sd, ref_sd = model.state_dict(), ref.state_dict()
-        layout = sorted(k for k in ref_sd.keys() | sd.keys()
-                        if k not in sd or k not in ref_sd or (sd[k].shape, sd[k].dtype) != (ref_sd[k].shape, ref_sd[k].dtype))
+        layout = sorted(k for k in ref_sd.keys() | sd.keys() if k not in sd or k not in ref_sd
+                        or (sd[k].shape, sd[k].dtype) != (ref_sd[k].shape, ref_sd[k].dtype))
         npb, ref_npb = helpers.describe(model)["non_persistent"], helpers.describe(ref)["non_persistent"]
         found = {
             "rank": rank,
