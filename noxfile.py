@@ -28,7 +28,8 @@ BOUNDARIES = {"4.53.0": HUB_4X, "4.57.1": HUB_4X, "5.0.0": [], "5.4.0": [], "5.6
 ACCELERATE = {"1.6.0": ["transformers==4.57.6", *HUB_4X], "1.13.0": ["transformers==5.3.0"],
               "1.14.0": ["transformers==5.22.2"]}
 # what the accelerate environments run: the accelerate paths and the contract
-ACCELERATE_TESTS = ["tests/test_contract.py", "tests/test_field.py", "-k", "accelerate or contract"]
+ACCELERATE_TESTS = ["tests/test_contract.py", "tests/test_field.py", "tests/test_beyond.py", "tests/test_gate.py",
+                    "-k", "accelerate or contract"]
 
 
 def _torch_source() -> list[str]:

@@ -1,7 +1,7 @@
 """The non-rank-0 contract, end to end: 2 gloo ranks, real transformers, real accelerate / native FSDP2."""
 
 import pytest
-from launch import run_ranks
+from launch import require_accelerate_on_cpu, run_ranks
 
 # Each kind loaded as the checkpoint's dtype (bf16) and cast to fp32, sharded through accelerate's real
 # fsdp2_prepare_model (persistent plain buffers of root_buffer/deepseek_v3 need the package's accelerate fix) and
@@ -26,6 +26,8 @@ def _run(checkpoints, tmp_path, kind, dtype, mode, **kw):
 
 @pytest.mark.parametrize("kind,dtype,mode", CASES)
 def test_non_rank0_contract(checkpoints, tmp_path, kind, dtype, mode):
+    if mode == "accelerate":
+        require_accelerate_on_cpu(kind)
     rank0, rank1 = _run(checkpoints, tmp_path, kind, dtype, mode)
     assert rank0["status"]["applied"] and rank1["status"]["applied"], rank1["status"]
 

@@ -2,7 +2,7 @@
 accelerate's activation checkpointing and torch.compile around a persistent buffer, peft LoRA training."""
 
 import pytest
-from launch import run_ranks
+from launch import require_accelerate_on_cpu, run_ranks
 
 
 def test_alone_second_model_and_lora_accelerate(checkpoints, tmp_path):
@@ -10,6 +10,7 @@ def test_alone_second_model_and_lora_accelerate(checkpoints, tmp_path):
     barrier (a collective inside from_pretrained would hang); then every rank loads, adds LoRA, is prepared by
     accelerate and takes 3 SGD steps on one batch; then rank 0 alone loads a second model. Upstream
     (HF_FSDP_LOADFIX=0) runs the same script for the losses."""
+    require_accelerate_on_cpu()
     args = ["--ckpt", checkpoints("llama"), "--mode", "accelerate", "--alone", "--second-model", "--lora"]
     runs = {}
     for name, env in (("patched", {}), ("upstream", {"HF_FSDP_LOADFIX": "0"})):
@@ -43,6 +44,7 @@ def test_accelerate_fix_under_wrappers(checkpoints, tmp_path, setup):
     """DeepSeek-V3's persistent e_score_correction_bias through accelerate's real fsdp2_apply_ac (checkpoint_wrapper,
     with offload_wrapper) or torch.compile, then fsdp2_prepare_model: the wrappers change module names, not
     state-dict keys."""
+    require_accelerate_on_cpu()
     if setup == "ac-offload":
         from accelerate.utils import FullyShardedDataParallelPlugin
 
