@@ -36,8 +36,9 @@ def test_hook_imports_only_the_stub_then_patches_on_transformers_import():
         import hf_fsdp_loadfix, transformers.modeling_utils
         print(json.dumps([started, hf_fsdp_loadfix.status(), wrapped()]))
     """)
-    assert "hf_fsdp_loadfix" in started
-    assert [m for m in HEAVY if m in started] == []
+    without = fresh("import sys, json; print(json.dumps(sorted(sys.modules)))", HF_FSDP_LOADFIX="0")
+    added = sorted(set(started) - set(without))
+    assert "hf_fsdp_loadfix" in added and [m for m in HEAVY if m in added] == [], added
     assert status["applied"] and status["class"] == versions.class_for(transformers.__version__).upper()
     assert wrapped and all(a.startswith("_") for a in wrapped)
 
