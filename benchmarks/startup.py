@@ -76,9 +76,9 @@ def main():
         for name, (python, env, code, module) in configs.items():
             package, total, modules = importtime(python, env, code, module)
             at_start[name] = modules
-            runs[name]["hook_ms"].append(package)
-            runs[name]["imports_ms"].append(total)
-            runs[name]["wall_ms"].append(wall(python, env, code))
+            runs[name]["hook_ms"].append(round(package, 3))
+            runs[name]["imports_ms"].append(round(total, 3))
+            runs[name]["wall_ms"].append(round(wall(python, env, code), 3))
 
     rows = {name: {k: statistics.median(v) for k, v in r.items()} for name, r in runs.items()}
     hook = "with the package (hook active)"

@@ -81,7 +81,7 @@ class _Trigger:
     def find_spec(self, name, path=None, target=None):
         if name in ("transformers", "accelerate") and not _state["hook"]:
             with _lock:
-                if not _state["hook"]:
+                if _state["wanted"] and not _state["hook"]:  # not after revert()
                     _register()
         return None
 

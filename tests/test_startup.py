@@ -1,6 +1,7 @@
 """What the installed startup hook (hf_fsdp_loadfix.pth) costs at interpreter start: which modules it imports,
 each checked in a fresh interpreter. Timings are measured by benchmarks/startup.py, not here."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ import transformers
 
 from hf_fsdp_loadfix import _config, versions
 
+CLASS = versions.class_for(transformers.__version__)
+TARGETS = sorted(importlib.import_module(f"hf_fsdp_loadfix.classes.{CLASS}").PATCHES.targets)
 HEAVY = ["wrapt", "asyncio", "inspect", "importlib.metadata", "packaging", "torch", "transformers", "accelerate"]
 PRELUDE = """
 def wrapped():  # defined at start, wrapt imported only when called
@@ -39,11 +42,10 @@ def test_hook_imports_only_the_stub_then_patches_on_transformers_import():
     without = fresh("import sys, json; print(json.dumps(sorted(sys.modules)))", HF_FSDP_LOADFIX="0")
     added = sorted(set(started) - set(without))
     assert "hf_fsdp_loadfix" in added and [m for m in HEAVY if m in added] == [], added
-    assert status["applied"] and status["class"] == versions.class_for(transformers.__version__).upper()
-    assert wrapped and all(a.startswith("_") for a in wrapped)
+    assert status["applied"] and status["class"] == CLASS.upper() and wrapped == TARGETS
 
 
-@pytest.mark.parametrize("value", [*sorted(_config._FALSE), " Off ", "maybe", "1"])
+@pytest.mark.parametrize("value", [*sorted(_config._FALSE), " Off ", "maybe"])
 def test_disable_switch_skips_the_import_at_start(value):
     """A false HF_FSDP_LOADFIX (as _config parses it) imports nothing at all; anything else imports the stub,
     so that a junk value is still reported when transformers is imported (test_gate)."""
@@ -51,14 +53,14 @@ def test_disable_switch_skips_the_import_at_start(value):
     assert started is (value.strip().lower() not in _config._FALSE)
 
 
-def test_apply_patches_at_once_when_transformers_is_already_imported():
-    """HF_FSDP_LOADFIX=0 keeps the hook out at start; the script turns the package on after transformers."""
-    before, applied, wrapped = fresh("""
-        import os, sys, json
-        before = "hf_fsdp_loadfix" in sys.modules
+def test_revert_before_transformers_then_apply_patches_at_once():
+    """revert() before transformers is imported keeps it unpatched; apply() afterwards patches at once."""
+    reverted, applied, wrapped = fresh("""
+        import sys, json, hf_fsdp_loadfix
+        hf_fsdp_loadfix.revert()
         import transformers.modeling_utils
-        os.environ["HF_FSDP_LOADFIX"] = "1"
-        import hf_fsdp_loadfix
-        print(json.dumps([before, hf_fsdp_loadfix.status()["applied"], wrapped()]))
-    """, HF_FSDP_LOADFIX="0")
-    assert before is False and applied and wrapped
+        reverted = [hf_fsdp_loadfix.status()["reason"], wrapped()]
+        hf_fsdp_loadfix.apply()
+        print(json.dumps([reverted, hf_fsdp_loadfix.status()["applied"], wrapped()]))
+    """)
+    assert reverted == ["reverted", []] and applied and wrapped == TARGETS
