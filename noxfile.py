@@ -1,41 +1,87 @@
-"""Test matrix: one environment per upstream behaviour class (see hf_fsdp_loadfix/versions.py).
+"""Test matrix, run from any interpreter (system Python, a venv, conda): ``python3 -m pip install nox uv && python3 -m nox``.
 
-Every environment reuses the interpreter's CPU torch (``--system-site-packages``) instead of downloading one:
-install ``torch==2.13.0`` (CPU) into the interpreter that runs nox first.
+Every session builds its own virtualenv with uv, which hard-links packages from its cache: a pinned torch is
+downloaded once, not once per session. uv does not read pip's configuration, so the sessions take a CPU torch
+from the wheel folders pip is configured with (``pip config list``: ``find-links``) when there are any, and
+otherwise from PyTorch's CPU wheel index.
 """
+
+import subprocess
+import sys
 
 import nox
 
-# release -> extra pins that release needs (4.x predates huggingface-hub 1.0)
-DEFAULT = {
-    "4.56.2": ["huggingface-hub<1.0"],
-    "4.57.6": ["huggingface-hub<1.0"],
-    "5.3.0": [],
-    "5.5.4": [],
-    "5.22.2": [],
-    "5.23.0": [],
-}
-# opt-in (`nox -s boundaries`): the first release of each class (4.57.0 is yanked, so 4.57.1)
-BOUNDARIES = {"4.53.0": ["huggingface-hub<1.0"], "4.57.1": ["huggingface-hub<1.0"], "5.0.0": [], "5.4.0": [],
-              "5.6.0": []}
-
-nox.options.sessions = ["tests"]
+nox.options.default_venv_backend = "uv"
 nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests", "newest", "torch-2.15", "accelerate"]
+
+TORCH = "2.13.0"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+HUB_4X = ["huggingface-hub<1.0"]  # transformers 4.x predates huggingface-hub 1.0
+
+# one environment per behaviour class (hf_fsdp_loadfix/versions.py): release -> extra pins
+CLASSES = {"4.56.2": HUB_4X, "4.57.6": HUB_4X, "5.3.0": [], "5.5.4": [], "5.22.2": [], "5.23.0": []}
+# opt-in (`nox -s boundaries`): the first release of each class (4.57.0 is yanked, so 4.57.1)
+BOUNDARIES = {"4.53.0": HUB_4X, "4.57.1": HUB_4X, "5.0.0": [], "5.4.0": [], "5.6.0": []}
+# accelerate releases whose fsdp2_load_full_state_dict differs (1.6: first, cuda hard-coded; 1.13: cpu_offload
+# argument; 1.14: key-based instead of zip-ordered), each with a transformers release of its time
+ACCELERATE = {"1.6.0": ["transformers==4.57.6", *HUB_4X], "1.13.0": ["transformers==5.3.0"],
+              "1.14.0": ["transformers==5.22.2"]}
+# what the accelerate environments run: the accelerate paths and the contract
+ACCELERATE_TESTS = ["tests/test_contract.py", "tests/test_field.py", "tests/test_beyond.py", "tests/test_gate.py",
+                    "-k", "accelerate or contract"]
 
 
-def _run(session, release, pins):
-    session.install(".", "pytest", "accelerate", f"transformers=={release}", *pins)
-    session.run("python", "-c", "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__")
-    session.run("python", "-m", "pytest", "-q", *session.posargs)  # the venv's interpreter, not a system pytest
+def _torch_source() -> list[str]:
+    """pip's own wheel folders (``find-links``) if it has any, else PyTorch's CPU index (no CUDA wheels)."""
+    try:
+        config = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                                timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        config = ""
+    folders = [value.strip("'\"") for key, _, value in (line.partition("=") for line in config.splitlines())
+               if key.endswith(".find-links")]
+    links = dict.fromkeys(link for value in folders for link in value.split())
+    return [arg for link in links for arg in ("--find-links", link)] or ["--index-url", CPU_INDEX]
 
 
-@nox.session(venv_params=["--system-site-packages"])
-@nox.parametrize("release", list(DEFAULT))
+def _run(session, torch: str, *pins: str, tests=()):
+    session.install(torch, *_torch_source())
+    session.install(".[test]", *pins, torch)  # torch pinned again: nothing may replace it
+    session.run("python", "-c", "import torch, transformers, accelerate; print('torch', torch.__version__, "
+                "'transformers', transformers.__version__, 'accelerate', accelerate.__version__)")
+    session.run("python", "-m", "pytest", "-q", *tests, *session.posargs)
+
+
+@nox.session
+@nox.parametrize("release", list(CLASSES))
 def tests(session, release):
-    _run(session, release, DEFAULT[release])
+    """The whole suite on one release per behaviour class, torch 2.13.0."""
+    _run(session, f"torch=={TORCH}", f"transformers=={release}", *CLASSES[release])
 
 
-@nox.session(venv_params=["--system-site-packages"])
+@nox.session
+def newest(session):
+    """The whole suite on the newest torch, transformers, accelerate and peft on the index: CI tries each new
+    upstream release the next time it runs."""
+    _run(session, "torch", "transformers", "accelerate", "peft")
+
+
+@nox.session(name="torch-2.15")
+def torch_2_15(session):
+    """The newest torch minor (2.15: FSDPParam.reset_sharded_param changes on accelerate's assign=True path)
+    with the C5 release."""
+    _run(session, "torch==2.15.0", "transformers==5.22.2")
+
+
+@nox.session
+@nox.parametrize("release", list(ACCELERATE))
+def accelerate(session, release):
+    """accelerate's fsdp2_load_full_state_dict as it changed over 1.6-1.14, with the accelerate fix."""
+    _run(session, f"torch=={TORCH}", f"accelerate=={release}", *ACCELERATE[release], tests=ACCELERATE_TESTS)
+
+
+@nox.session
 @nox.parametrize("release", list(BOUNDARIES))
 def boundaries(session, release):
-    _run(session, release, BOUNDARIES[release])
+    _run(session, f"torch=={TORCH}", f"transformers=={release}", *BOUNDARIES[release])

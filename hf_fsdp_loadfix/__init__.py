@@ -6,20 +6,22 @@
 
 import importlib
 import sys
-import threading
 import warnings
+from _thread import RLock
 
 from . import _config
 
-# Only the standard library is imported here: the startup hook can run before the site directory that holds
-# wrapt and packaging is on sys.path (a venv with --system-site-packages, a --user install).
+# The startup hook imports this package in every interpreter of the environment, so only modules the
+# interpreter has (nearly) loaded anyway are imported here. wrapt (and with it asyncio, inspect and
+# importlib.metadata), packaging and torch wait until transformers or accelerate is imported (_Trigger); by
+# then sys.path is complete, even where the hook ran before the site directory holding wrapt was on it.
 
 __version__ = "0.1.0"
 __all__ = ["apply", "revert", "status"]
 
 _MODULE = "transformers.modeling_utils"
 _ACCELERATE = "accelerate.utils.fsdp_utils"
-_lock = threading.RLock()
+_lock = RLock()
 _state = {"wanted": False, "hook": False, "class": None, "reason": "apply() not called", "originals": {},
           "accelerate": "not imported", "case": None}
 
@@ -28,22 +30,29 @@ def apply() -> None:
     """Patch transformers now if it is imported, else the moment it is. Idempotent and thread-safe."""
     with _lock:
         _state["wanted"] = True
-        if not _state["hook"]:
-            try:
-                import wrapt
-            except ImportError:
-                if not any(isinstance(f, _Retry) for f in sys.meta_path):
-                    sys.meta_path.insert(0, _Retry())
-                _state["reason"] = "waiting for transformers/accelerate to be imported (wrapt not importable yet)"
-                return
-            _state["hook"] = True
-            _state["reason"] = f"waiting for {_MODULE} to be imported"
-            wrapt.register_post_import_hook(_on_import, _MODULE)  # runs at once if already imported
-            wrapt.register_post_import_hook(_on_accelerate_import, _ACCELERATE)
-        else:
+        if _state["hook"]:
             for name, hook in ((_MODULE, _on_import), (_ACCELERATE, _on_accelerate_import)):
                 if name in sys.modules:
                     hook(sys.modules[name])
+        elif "transformers" in sys.modules or "accelerate" in sys.modules:
+            _register()
+        else:
+            if not any(isinstance(f, _Trigger) for f in sys.meta_path):
+                sys.meta_path.insert(0, _Trigger())
+            _state["reason"] = "waiting for transformers/accelerate to be imported"
+
+
+def _register() -> None:
+    """wrapt's post-import hooks: each runs at once if its module is imported, else when it is."""
+    try:
+        import wrapt
+    except ImportError as err:
+        _state["reason"] = f"not patched: {err}"
+        return
+    _state["hook"] = True
+    _state["reason"] = f"waiting for {_MODULE} to be imported"
+    wrapt.register_post_import_hook(_on_import, _MODULE)
+    wrapt.register_post_import_hook(_on_accelerate_import, _ACCELERATE)
 
 
 def revert() -> None:
@@ -64,16 +73,16 @@ def status() -> dict:
         return report(_state)
 
 
-class _Retry:
-    """Calls apply() again when transformers or accelerate is first imported, once sys.path is complete. Stays
-    in sys.meta_path, inert, so the finder list is never shortened while the import machinery walks it."""
-
-    done = False
+class _Trigger:
+    """Registers the post-import hooks when transformers or accelerate is first imported, so that interpreter
+    start-up imports nothing more. Stays in sys.meta_path, inert, so the finder list is never shortened while
+    the import machinery walks it."""
 
     def find_spec(self, name, path=None, target=None):
-        if name in ("transformers", "accelerate") and not self.done:
-            self.done = True
-            apply()
+        if name in ("transformers", "accelerate") and not _state["hook"]:
+            with _lock:
+                if _state["wanted"] and not _state["hook"]:  # not after revert()
+                    _register()
         return None
 
 

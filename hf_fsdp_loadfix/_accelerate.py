@@ -63,30 +63,44 @@ def unchecked_mesh_loop(tree) -> bool:
     return False
 
 
+def _plain_buffers(model):
+    """(state-dict key, owners) for each persistent buffer that is no DTensor, sorted by key. Keys are the state
+    dict's own names (wrapper prefixes such as ``_checkpoint_wrapped_module.`` already stripped, ``_orig_mod.``
+    and peft's kept), found by tensor identity; owners are the (module, name) pairs that register the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    owners = {}
+    for owner, leaf, buf, _ in _owned_buffers(model, persistent=True):
+        owners.setdefault(id(buf), []).append((owner, leaf))
+    return sorted(
+        (key, owners[id(t)]) for key, t in model.state_dict(keep_vars=True).items()
+        if id(t) in owners and not isinstance(t, DTensor)
+    )
+
+
 def load_full_state_dict(wrapped, instance, args, kwargs):
     def call(accelerator, model, full_sd, *rest, **kw):
         import torch.distributed as dist
-        from torch.distributed.tensor import DTensor
 
-        plain = sorted(
-            ((key, owner, leaf) for owner, leaf, buf, key in _owned_buffers(model, persistent=True)
-             if not isinstance(buf, DTensor)),
-            key=lambda entry: entry[0],
-        )
-        for key, owner, leaf in plain:
-            current = owner._buffers[leaf]
+        plain = _plain_buffers(model)
+        for key, owners in plain:
+            current = owners[0][0]._buffers[owners[0][1]]
             if accelerator.is_main_process:
                 value = full_sd[key].detach().to(accelerator.device).contiguous()
             else:
                 value = torch.empty(current.shape, dtype=current.dtype, device=accelerator.device)
             dist.broadcast(value, src=0, group=dist.group.WORLD)
-            owner._buffers[leaf] = value
-            owner._non_persistent_buffers_set.add(leaf)  # hidden from accelerate's DTensor-only loop
+            for owner, leaf in owners:
+                owner._buffers[leaf] = value
+                # hidden from accelerate's DTensor-only loop: model.state_dict() and full_sd both lose the key, so
+                # the zip-ordered loop of accelerate 1.6-1.13 stays aligned
+                owner._non_persistent_buffers_set.add(leaf)
         try:
-            keys = {key for key, _, _ in plain}
+            keys = {key for key, _ in plain}
             return wrapped(accelerator, model, {k: v for k, v in full_sd.items() if k not in keys}, *rest, **kw)
         finally:
-            for _, owner, leaf in plain:
-                owner._non_persistent_buffers_set.discard(leaf)
+            for _, owners in plain:
+                for owner, leaf in owners:
+                    owner._non_persistent_buffers_set.discard(leaf)
 
     return call(*args, **kwargs)

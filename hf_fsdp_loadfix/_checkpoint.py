@@ -1,10 +1,12 @@
-"""Fail together: every rank of an FSDP cpu-ram-efficient load checks the checkpoint before any tensor data is read.
+"""Fail fast: every rank of an FSDP cpu-ram-efficient load checks its own checkpoint files before any tensor data
+is read.
 
 Once non-rank-0 processes stop reading weights, a problem only rank 0 would meet (a truncated or corrupt shard, a
-key the index promises but the shard lacks, a shape the model does not expect, a shard missing on one node) would
-make rank 0 raise while the others block in the FSDP broadcast until the collective timeout. Each rank reads the
-safetensors headers only (a few KB per shard), then one ``all_gather_object`` shares the findings, so every rank
-raises the same error at once or none does.
+key the index promises but the shard lacks, a shape the model does not expect) would make rank 0 raise while the
+others block in the FSDP broadcast until the collective timeout. Each rank reads the safetensors headers only (a
+few KB per shard) and raises at once on what it sees. No collective: ``from_pretrained`` stays callable on any
+subset of ranks. On shared storage every rank sees the same files, so every rank raises; a shard missing on one
+node raises on that node, and the others fail when they reach the broadcast its ranks never join.
 """
 
 import logging
@@ -45,25 +47,23 @@ def _problems(model, files, weight_map, compare_shapes: bool) -> list[str]:
     return problems
 
 
-def check_together(model, files, weight_map, compare_shapes: bool) -> None:
-    """Run on every rank (same order, one collective); raise the same RuntimeError everywhere on any problem.
+def check_checkpoint(model, files, weight_map, compare_shapes: bool) -> None:
+    """Run on every rank of an FSDP load, locally: raise a RuntimeError naming shard and key on any problem.
 
     ``compare_shapes`` (4.x) checks checkpoint shapes against the model for keys that match it directly; 5.x
     loads run upstream's own key and shape checks on meta tensors on every rank, so only headers and the
     index are checked there. Callers pass ``compare_shapes=False`` when ``ignore_mismatched_sizes`` is set.
     """
-    dist = torch.distributed
     try:
-        mine = _problems(model, files, weight_map, compare_shapes)
-    except Exception as err:  # noqa: BLE001 - anything this rank cannot check must not leave the others waiting
-        mine = [f"the check itself failed ({type(err).__name__}: {err})"]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    failed = "; ".join(f"rank {rank}: {', '.join(p)}" for rank, p in enumerate(everyone) if p)
-    if failed:
-        last["check"] = f"failed: {failed}"
-        raise RuntimeError(f"hf_fsdp_loadfix: checkpoint problem found before loading, raised on every rank: {failed}")
+        problems = _problems(model, files, weight_map, compare_shapes)
+    except Exception as err:  # noqa: BLE001 - a check this rank cannot run leaves the load to upstream
+        last["check"] = f"skipped: the check itself failed ({type(err).__name__}: {err})"
+        logger.warning("hf_fsdp_loadfix: checkpoint check %s", last["check"])
+        return
+    if problems:
+        last["check"] = f"failed: {'; '.join(problems)}"
+        raise RuntimeError(f"hf_fsdp_loadfix: checkpoint problem found before loading: {'; '.join(problems)}")
     pickled = any(not f.endswith(".safetensors") for f in files)
-    if pickled and dist.get_rank() != 0 and last["check"] != f"passed; {_PICKLE_NOTE}":
+    if pickled and torch.distributed.get_rank() != 0 and last["check"] != f"passed; {_PICKLE_NOTE}":
         logger.warning("hf_fsdp_loadfix: %s", _PICKLE_NOTE)
     last["check"] = f"passed; {_PICKLE_NOTE}" if pickled else "passed"

@@ -225,7 +225,8 @@ def initialize_missing_keys(wrapped, instance, args, kwargs):
 
 
 def load_pretrained_model(wrapped, instance, args, kwargs):
-    """``_load_pretrained_model``, every class: all ranks of an FSDP load check the checkpoint together first.
+    """``_load_pretrained_model``, every class: each rank of an FSDP load checks its checkpoint files first (locally,
+    no collective: upstream's ``from_pretrained`` has none, and may be called by one rank alone).
 
     5.x non-rank-0: then hand upstream a meta state dict so no checkpoint data is read, cast or kept, while key
     renaming, expert fusion, dtype plans and the loading report run exactly as on rank 0. (4.x non-rank-0
@@ -242,9 +243,9 @@ def load_pretrained_model(wrapped, instance, args, kwargs):
     )
     if not is_fsdp_load(options.is_quantized):
         return wrapped(*args, **kwargs)
-    from ._checkpoint import check_together
+    from ._checkpoint import check_checkpoint
 
-    check_together(
+    check_checkpoint(
         arg["model"],
         arg["checkpoint_files"] or [],
         (options.sharded_metadata or {}).get("weight_map"),

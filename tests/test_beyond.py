@@ -4,11 +4,12 @@ single-source loading across nodes."""
 import threading
 
 import pytest
-from launch import free_port, run_ranks
+from launch import free_port, require_accelerate_on_cpu, run_ranks
 
 
 def test_accelerate_crashes_on_persistent_buffers_without_the_fix(checkpoints, tmp_path):
     """Sentinel for accelerate#3898: the same DeepSeek-V3 run as the contract test, fix switched off."""
+    require_accelerate_on_cpu()
     outputs, _ = run_ranks(["--ckpt", checkpoints("deepseek_v3"), "--kind", "deepseek_v3", "--mode", "accelerate"],
                            tmp_path, env={"HF_FSDP_LOADFIX_ACCELERATE": "0"}, timeout=120)
     assert outputs[0][0] != 0 and "device_mesh" in outputs[0][1]

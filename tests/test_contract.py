@@ -2,7 +2,7 @@
 
 import pytest
 import transformers
-from launch import run_ranks
+from launch import require_accelerate_on_cpu, run_ranks
 from packaging.version import Version
 
 from hf_fsdp_loadfix import versions
@@ -30,6 +30,8 @@ def _run(checkpoints, tmp_path, kind, dtype, mode, **kw):
 
 @pytest.mark.parametrize("kind,dtype,mode", CASES)
 def test_non_rank0_contract(checkpoints, tmp_path, kind, dtype, mode):
+    if mode == "accelerate":
+        require_accelerate_on_cpu(kind)
     assert_contract(*_run(checkpoints, tmp_path, kind, dtype, mode), kind, dtype, mode)
 
 
@@ -38,6 +40,7 @@ def test_non_rank0_contract(checkpoints, tmp_path, kind, dtype, mode):
 def test_next_minor_release_patched_by_structure(checkpoints, tmp_path):
     """The newest tested release labelled as the next minor: patched without FORCE, one warning per rank, and the
     contract holds (root-owned non-persistent buffer, persistent plain buffer, accelerate's FSDP2 broadcast)."""
+    require_accelerate_on_cpu("root_buffer")
     outputs, (rank0, rank1) = run_ranks(["--ckpt", checkpoints("root_buffer"), "--kind", "root_buffer",
                                          "--mode", "accelerate", "--relabel", "5.24.0"], tmp_path)
     for rc, text in outputs:

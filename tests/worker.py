@@ -4,6 +4,11 @@ Steps: from_pretrained under transformers' FSDP gate (peak anonymous RSS sampled
 shard with accelerate's real ``fsdp2_prepare_model`` or native ``fully_shard`` + ``set_model_state_dict(
 broadcast_from_rank0=True)``, gather the full state dict and compare it bitwise with the checkpoint and with a
 plain single-process load, and run a forward pass.
+
+Field options: ``--alone`` (before that: each rank in turn loads alone under the gate while the others wait in a
+barrier), ``--second-model`` (after it: rank 0 alone loads the checkpoint again), ``--ac``/``--ac-offload``/
+``--compile`` (accelerate's own activation checkpointing, with offload, or ``torch.compile`` before
+``fsdp2_prepare_model``), ``--lora`` (peft LoRA, then 3 SGD steps on one batch instead of the comparisons).
 """
 
 import argparse
@@ -31,6 +36,12 @@ def main():
     p.add_argument("--ckpt-other", help="the checkpoint path ranks other than 0 see (a node missing a shard)")
     p.add_argument("--seed-per-rank", action="store_true", help="a different RNG stream on each rank")
     p.add_argument("--relabel", help="set transformers.__version__ to this before the package sees transformers")
+    p.add_argument("--alone", action="store_true", help="first, each rank loads alone while the others wait")
+    p.add_argument("--second-model", action="store_true", help="last, rank 0 alone loads the checkpoint again")
+    p.add_argument("--ac", action="store_true", help="accelerate's activation checkpointing before preparing")
+    p.add_argument("--ac-offload", action="store_true", help="--ac with activation_checkpointing_offload")
+    p.add_argument("--compile", action="store_true", help="torch.compile (eager backend) before preparing")
+    p.add_argument("--lora", action="store_true", help="peft LoRA, prepared, 3 SGD steps on one batch: the losses")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -53,6 +64,8 @@ def main():
         torch.manual_seed(1234 + rank)
     dist.barrier()
 
+    ranks = range(dist.get_world_size()) if args.alone else []
+    alone = [load_alone(cls, args.ckpt, load_kwargs, rank, r) for r in ranks]
     ckpt = args.ckpt_other if args.ckpt_other and rank else args.ckpt
     model, info, measured = helpers.load(cls, ckpt, **load_kwargs)
     result = {
@@ -62,47 +75,134 @@ def main():
         **measured,
         **helpers.describe(model),
         "missing_keys": sorted(info["missing_keys"]),
+        "alone": [a for a in alone if a],
     }
-    if args.mode != "load":
+    if args.lora:
+        result["losses"] = lora_steps(model, args, rank)
+    elif args.mode != "load":
         result.update(shard_and_compare(model, args, cls, load_kwargs, rank))
+    if args.second_model:
+        result["second_model"] = load_alone(cls, args.ckpt, load_kwargs, rank, 0)
     helpers.finish(result, args.out)
+
+
+def plain_load(cls, ckpt, load_kwargs):
+    """The same checkpoint loaded by plain transformers, without the FSDP gate."""
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+    try:
+        return cls.from_pretrained(ckpt, **load_kwargs)
+    finally:
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
+
+
+def load_alone(cls, ckpt, load_kwargs, rank, loader):
+    """Rank ``loader`` alone calls from_pretrained under the FSDP gate while the others wait in a barrier (a
+    collective inside from_pretrained would hang here). Returns, on that rank, its time and how it compares with
+    a plain load: parameters' devices, keys whose shape or dtype differ, keys whose values differ, non-persistent
+    buffers that differ."""
+    import torch
+    import torch.distributed as dist
+
+    found = None
+    if rank == loader:
+        model, _, measured = helpers.load(cls, ckpt, **load_kwargs)
+        ref = plain_load(cls, ckpt, load_kwargs)
+        sd, ref_sd = model.state_dict(), ref.state_dict()
+        layout = sorted(k for k in ref_sd.keys() | sd.keys() if k not in sd or k not in ref_sd
+                        or (sd[k].shape, sd[k].dtype) != (ref_sd[k].shape, ref_sd[k].dtype))
+        npb, ref_npb = helpers.describe(model)["non_persistent"], helpers.describe(ref)["non_persistent"]
+        found = {
+            "rank": rank,
+            "load_s": measured["load_s"],
+            "devices": sorted({t.device.type for t in sd.values()}),
+            "layout_mismatch": layout,
+            "value_mismatch": sorted(k for k in ref_sd if k not in layout and sd[k].device.type != "meta"
+                                     and not torch.equal(sd[k], ref_sd[k])),
+            "buffer_mismatch": sorted(k for k in ref_npb if npb.get(k) != ref_npb[k]),
+        }
+    dist.barrier()
+    return found
+
+
+def accelerator_like(model, args, rank):
+    """What accelerate's FSDP2 functions read from an Accelerator, on CPU/gloo; the auto-wrap policy wraps the
+    model's decoder layers."""
+    import torch
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    layers = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Layer")})
+    ac = {"activation_checkpointing": True} if args.ac or args.ac_offload else {}
+    if args.ac_offload:
+        ac["activation_checkpointing_offload"] = True
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True,
+                                            auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=layers, **ac)
+    return SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, parallelism_config=None,
+        mixed_precision="no", is_main_process=rank == 0, device=torch.device("cpu"),
+    )
+
+
+def accelerate_prepare(model, args, rank):
+    """accelerate's own steps: activation checkpointing (``fsdp2_apply_ac``; releases without it apply the plugin's
+    activation checkpointing inside ``fsdp2_prepare_model``), then ``fsdp2_prepare_model``."""
+    import torch
+    from accelerate.utils import fsdp_utils
+
+    accelerator = accelerator_like(model, args, rank)
+    if (args.ac or args.ac_offload) and hasattr(fsdp_utils, "fsdp2_apply_ac"):
+        model = fsdp_utils.fsdp2_apply_ac(accelerator, model)
+    if args.compile:
+        model = torch.compile(model, backend="eager")
+    return fsdp_utils.fsdp2_prepare_model(accelerator, model)
+
+
+def lora_steps(model, args, rank):
+    """peft LoRA on the loaded model (non-rank-0: base on meta), prepared by accelerate, 3 SGD steps on one batch."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)  # the LoRA init: rank 0's is broadcast
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    model = accelerate_prepare(model, args, rank)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.arange(1, 17).reshape(2, 8) % model.config.vocab_size
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def shard_and_compare(model, args, cls, load_kwargs, rank):
     import torch
 
     if args.mode == "accelerate":
-        from types import SimpleNamespace
-
-        from accelerate.utils import FullyShardedDataParallelPlugin
-        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
-
-        layers = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Layer")})
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True,
-                                                auto_wrap_policy="transformer_based_wrap",
-                                                transformer_cls_names_to_wrap=layers)
-        accelerator = SimpleNamespace(
-            state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, parallelism_config=None,
-            mixed_precision="no", is_main_process=rank == 0, device=torch.device("cpu"),
-        )
-        model = fsdp2_prepare_model(accelerator, model)
+        model = accelerate_prepare(model, args, rank)
     else:
         model = helpers.shard_native(model, rank)
 
-    full = helpers.full_state(model)
+    wrappers = sorted({type(m).__name__.removeprefix("FSDP") for m in model.modules()}  # fully_shard renames classes
+                      & {"CheckpointWrapper", "OffloadWrapper", "OptimizedModule"})
+    full = helpers.full_state(model)  # named as the state dict names them (wrapper prefixes removed)
     logits = helpers.forward(model)
-    buffers = dict(model.named_buffers())
+    # named_buffers keeps the prefixes of accelerate's activation-checkpointing wrappers and of torch.compile
+    buffers = {k.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): v
+               for k, v in model.named_buffers()}
 
-    # Reference: the same checkpoint loaded by plain transformers, without the FSDP gate.
-    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
-    ref = cls.from_pretrained(args.ckpt, **load_kwargs)
-    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
+    ref = plain_load(cls, args.ckpt, load_kwargs)
     ref_sd, ref_logits = ref.state_dict(), helpers.forward(ref)
 
     def same(a, b):
         return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
 
     return {
+        "wrappers": wrappers,
         "sharded_keys": sorted(full),
         "mismatch_vs_reference": sorted(k for k, v in full.items() if k not in ref_sd or not same(v, ref_sd[k])),
         **helpers.compare_to_checkpoint(full, args.ckpt),

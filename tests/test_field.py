@@ -1,0 +1,65 @@
+"""Beyond the designed path, as training scripts use it: loads by one rank alone, a second model on rank 0,
+accelerate's activation checkpointing and torch.compile around a persistent buffer, peft LoRA training."""
+
+import pytest
+from launch import require_accelerate_on_cpu, run_ranks
+
+
+def test_alone_second_model_and_lora_accelerate(checkpoints, tmp_path):
+    """One launch per setting: rank 0 alone, then rank 1 alone, loads under the FSDP gate while the other waits in a
+    barrier (a collective inside from_pretrained would hang); then every rank loads, adds LoRA, is prepared by
+    accelerate and takes 3 SGD steps on one batch; then rank 0 alone loads a second model. Upstream
+    (HF_FSDP_LOADFIX=0) runs the same script for the losses."""
+    require_accelerate_on_cpu()
+    args = ["--ckpt", checkpoints("llama"), "--mode", "accelerate", "--alone", "--second-model", "--lora"]
+    runs = {}
+    for name, env in (("patched", {}), ("upstream", {"HF_FSDP_LOADFIX": "0"})):
+        outputs, runs[name] = run_ranks(args + ["--patch", str(int(name == "patched"))], tmp_path / name, env=env,
+                                        timeout=120)
+        for rc, text in outputs:
+            assert rc == 0, text[-4000:]
+    rank0, rank1 = runs["patched"]
+    assert rank0["status"]["applied"] and not runs["upstream"][1]["status"]["applied"]
+
+    # rank 0 alone, before and after the all-rank load: a plain load, bitwise, every key and non-persistent buffer
+    (alone0,) = rank0["alone"]
+    for load in (alone0, rank0["second_model"]):
+        assert load["load_s"] < 30 and load["devices"] == ["cpu"], load
+        assert load["layout_mismatch"] == load["value_mismatch"] == load["buffer_mismatch"] == [], load
+    # rank 1 alone: transformers' non-rank-0 load (weights come by broadcast): a plain load's keys, shapes and
+    # dtypes on meta, non-persistent buffers equal to the plain load's
+    (alone1,) = rank1["alone"]
+    assert alone1["load_s"] < 30 and alone1["devices"] == ["meta"], alone1
+    assert alone1["layout_mismatch"] == alone1["buffer_mismatch"] == [], alone1
+
+    # LoRA on a base whose non-rank-0 weights were on meta: identical losses on every rank and to upstream, and
+    # the steps do train
+    losses = rank0["losses"]
+    assert len(losses) == 3 and losses[2] < losses[0], losses
+    assert rank1["losses"] == losses == runs["upstream"][0]["losses"] == runs["upstream"][1]["losses"]
+
+
+@pytest.mark.parametrize("setup", ["ac", "ac-offload", "compile"])
+def test_accelerate_fix_under_wrappers(checkpoints, tmp_path, setup):
+    """DeepSeek-V3's persistent e_score_correction_bias through accelerate's real fsdp2_apply_ac (checkpoint_wrapper,
+    with offload_wrapper) or torch.compile, then fsdp2_prepare_model: the wrappers change module names, not
+    state-dict keys."""
+    require_accelerate_on_cpu()
+    if setup == "ac-offload":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        if "activation_checkpointing_offload" not in FullyShardedDataParallelPlugin.__dataclass_fields__:
+            pytest.skip("this accelerate has no activation_checkpointing_offload")
+    outputs, results = run_ranks(["--ckpt", checkpoints("deepseek_v3"), "--kind", "deepseek_v3", "--mode", "accelerate",
+                                  f"--{setup}"], tmp_path, timeout=120)
+    for rc, text in outputs:
+        assert rc == 0, text[-4000:]
+    expected = {"ac": ["CheckpointWrapper"], "ac-offload": ["CheckpointWrapper", "OffloadWrapper"],
+                "compile": ["OptimizedModule"]}[setup]
+    for r in results:
+        assert r["wrappers"] == expected
+        assert any(k.endswith("e_score_correction_bias") for k in r["sharded_keys"])
+        assert r["checkpoint_keys_compared"] > 0 and r["mismatch_vs_checkpoint"] == [] == r["mismatch_vs_reference"]
+        assert r["buffer_mismatch_vs_reference"] == []
+        assert not r["logits_nan"] and r["logits_max_diff_vs_reference"] <= 1e-5
+    assert results[0]["logits_digest"] == results[1]["logits_digest"]
