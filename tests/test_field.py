@@ -19,7 +19,7 @@ def test_alone_second_model_and_lora_accelerate(checkpoints, tmp_path):
         for rc, text in outputs:
             assert rc == 0, text[-4000:]
     rank0, rank1 = runs["patched"]
-    assert rank0["status"]["applied"] and not runs["upstream"][1]["status"]["applied"]
+    assert rank0["status"]["applied"] and runs["upstream"][1]["status"] is None  # package not imported
 
     # rank 0 alone, before and after the all-rank load: a plain load, bitwise, every key and non-persistent buffer
     (alone0,) = rank0["alone"]
