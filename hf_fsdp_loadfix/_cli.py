@@ -24,7 +24,7 @@ def status_text(report: dict) -> str:
     return "\n".join(lines)
 
 
-def status(as_json: bool) -> int:
+def status(as_json: bool, strict: bool = False) -> int:
     """Import transformers (and accelerate) so the report says what a training process would get."""
     import hf_fsdp_loadfix
 
@@ -37,14 +37,18 @@ def status(as_json: bool) -> int:
             print(f"error: {err}", file=sys.stderr)
     report = hf_fsdp_loadfix.status()
     print(json.dumps(report, indent=1) if as_json else status_text(report))
-    return 0 if report["applied"] else 1
+    return 0 if report["applied"] and not (strict and report["traps"]) else 1
 
 
 def main(argv=None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="hf-fsdp-loadfix", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("status", help="versions, behaviour class, whether the patch is applied or why not, traps")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--strict", action="store_true", help="exit status 1 also when a trap is reported")
     p = sub.add_parser("check", help="load a model on N CPU ranks without and with the patch and compare")
     p.add_argument("--model", help="a local checkpoint directory (default: a small Llama built locally)")
     p.add_argument("--nproc", type=int, default=2, help="number of ranks (default 2)")
@@ -53,13 +57,15 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     if args.command == "status":
-        return status(args.json)
+        return status(args.json, args.strict)
     if args.nproc < 2:
         parser.error("--nproc must be at least 2")
-    from ._check import check
+    from ._check import CannotRun, check
 
     try:
         return check(args.model, args.nproc, args.dtype, args.json)
-    except (ImportError, OSError, ValueError) as err:  # no transformers, an unreadable --model, a junk variable
+    except (CannotRun, ImportError, OSError, ValueError) as err:  # a bad --model, a rejected checkpoint, a junk value
         print(f"error: {err}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"passed": False, "error": str(err)}, indent=1))
         return 2

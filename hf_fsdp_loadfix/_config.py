@@ -17,7 +17,8 @@ def env_flag(name: str, default: bool) -> bool:
         return default
     if raw.strip().lower() in _TRUE | _FALSE:
         return raw.strip().lower() in _TRUE
-    raise ValueError(f"hf_fsdp_loadfix: environment variable {name}={raw!r} is not a boolean; use 1 or 0")
+    raise ValueError(f"hf_fsdp_loadfix: environment variable {name}={raw!r} is not a boolean; use one of "
+                     "1/0/true/false/yes/no/on/off")
 
 
 def env_choice(name: str, choices: tuple[str, ...]) -> str:

@@ -89,8 +89,8 @@ def report(state: dict) -> dict:
         "class": state["class"] or (expected.upper() if expected else None),
         "applied": state["class"] is not None,
         "case": state["case"],  # "tested", "untested (newer than X), structure matches CN", "refused: why"
-        "reason": env_error or state["reason"],
-        "accelerate_fix": state["accelerate"],
+        "reason": env_error or (state["reason"] if version else "transformers is not installed"),
+        "accelerate_fix": state["accelerate"] if _installed("accelerate") else "not installed",
         "options": options,
         "startup_hook": startup_hook(),
         "process": _process_role(found),

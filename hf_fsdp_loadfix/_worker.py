@@ -1,10 +1,11 @@
 """One rank of an FSDP cpu-ram-efficient load, as ``hf-fsdp-loadfix check`` and the benchmarks run it.
 
-    python -m hf_fsdp_loadfix._worker --ckpt DIR --out DIR [--dtype float32] [--load-only]
+    python -m hf_fsdp_loadfix._worker --ckpt DIR --out DIR [--dtype float32] [--load-only | --shard accelerate]
 
 ``from_pretrained`` under transformers' FSDP gate with the peak anonymous RSS sampled from /proc, then (unless
-``--load-only``) FSDP2 ``fully_shard`` + ``set_model_state_dict(broadcast_from_rank0=True)``, the full state dict
-compared bitwise with the checkpoint file, and a forward pass. Writes ``rank<N>.json`` into ``--out``.
+``--load-only``) FSDP2 sharding with the broadcast from rank 0 (torch's ``fully_shard`` + ``set_model_state_dict(
+broadcast_from_rank0=True)``, or accelerate's own ``fsdp2_prepare_model``), the full state dict compared bitwise
+with the checkpoint file, and a forward pass. Writes ``rank<N>.json`` into ``--out``.
 :func:`launch` starts N such processes with the variables torchrun would set.
 """
 
@@ -153,6 +154,27 @@ def shard_native(model, rank: int):
     return model
 
 
+def shard_accelerate(model, rank: int):
+    """accelerate's own ``fsdp2_prepare_model`` with ``cpu_ram_efficient_loading=True``, as ``accelerate launch``
+    runs it (transformer-based wrap of the model's ``_no_split_modules``, no mixed precision), on CPU/gloo: it only
+    reads these attributes of the ``Accelerator``."""
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True,
+                                            auto_wrap_policy="transformer_based_wrap")
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
+                                  parallelism_config=None, mixed_precision="no", is_main_process=rank == 0,
+                                  device=torch.device("cpu"))
+    return fsdp2_prepare_model(accelerator, model)
+
+
+SHARD = {"native": shard_native, "accelerate": shard_accelerate}
+
+
 def full_state(model) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -225,6 +247,7 @@ def main():
     p.add_argument("--ckpt", required=True)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--load-only", action="store_true")
+    p.add_argument("--shard", default="native", choices=sorted(SHARD))
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -235,13 +258,17 @@ def main():
 
     import hf_fsdp_loadfix
 
+    if args.shard == "accelerate":
+        import accelerate.utils.fsdp_utils  # noqa: F401  (so that status() reports the accelerate fix)
     cls, kwargs = model_class(args.ckpt), dtype_kwargs(args.dtype)
     dist.barrier()
     model, info, measured = load(cls, args.ckpt, **kwargs)
     result = {"rank": rank, "transformers": transformers.__version__, "status": hf_fsdp_loadfix.status(),
-              **measured, **describe(model), "missing_keys": sorted(info["missing_keys"])}
+              **measured, **describe(model), "missing_keys": sorted(info["missing_keys"]),
+              "persistent_buffers": sorted(model.state_dict().keys() - dict(model.named_parameters(
+                  remove_duplicate=False)).keys())}
     if not args.load_only:
-        model = shard_native(model, rank)
+        model = SHARD[args.shard](model, rank)
         full = full_state(model)
         result.update(compare_to_checkpoint(full, args.ckpt))
         result["state_digest"] = hashlib.sha1("".join(k + digest(full[k]) for k in sorted(full)).encode()).hexdigest()
