@@ -30,7 +30,7 @@ def test_status_text_and_json():
     report = json.loads(js.stdout)
     assert report["applied"] and report["class"] == CLASS and report["reason"] is None
     assert report["transformers"] == transformers.__version__ and report["traps"] == []
-    assert report["startup_hook"] and open(report["startup_hook"]).read().strip() == "import hf_fsdp_loadfix"
+    assert report["startup_hook"] and open(report["startup_hook"]).read().rstrip().endswith('__import__("hf_fsdp_loadfix")')
     assert f"patch:           applied ({CLASS})" in text.stdout
     assert report["case"] == "tested" and "release:         tested" in text.stdout
     assert f"transformers {transformers.__version__}" in text.stdout
@@ -66,7 +66,7 @@ def test_status_says_not_installed(monkeypatch):
 
     monkeypatch.setattr(_status, "_installed", lambda dist: None)
     state = {"class": None, "reason": "waiting for transformers.modeling_utils to be imported",
-             "accelerate": "not imported"}
+             "accelerate": "not imported", "case": None}
     report = _status.report(state)
     assert report["accelerate_fix"] == "not installed" and report["reason"] == "transformers is not installed"
     text = _cli.status_text(report)
