@@ -20,12 +20,13 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 HUB_4X = ["huggingface-hub<1.0"]  # transformers 4.x predates huggingface-hub 1.0
 
 # one environment per behaviour class (hf_fsdp_loadfix/versions.py): release -> (extra pins, what to run).
-# The whole suite on 4.57.6 (the 4.x patch set) and 5.23.0 (the 5.x one); the load path (contract, field setups,
-# fail-together, structure check) on the other classes. C5 runs on torch 2.15 (session torch-2.15).
+# The whole suite on 4.57.6 (the 4.x patch set) and in `newest` (today 5.23.0, the 5.x patch set); the load path
+# (contract, field setups, fail-together, structure check) on the other classes. C5 runs on torch 2.15
+# (session torch-2.15). `nox -s everything` runs the whole suite on every class.
 LOAD_PATH = ["tests/test_contract.py", "tests/test_field.py", "tests/test_fail_together.py",
              "tests/test_gate.py::test_structure_check_tells_4x_from_5x"]
 CLASSES = {"4.56.2": (HUB_4X, LOAD_PATH), "4.57.6": (HUB_4X, []), "5.3.0": ([], LOAD_PATH),
-           "5.5.4": ([], LOAD_PATH), "5.23.0": ([], [])}
+           "5.5.4": ([], LOAD_PATH), "5.23.0": ([], LOAD_PATH)}
 TORCH_NEWEST = ("2.15.0", "5.22.2")  # FSDPParam.reset_sharded_param changed on accelerate's assign=True path
 # opt-in (`nox -s boundaries`): the first release of each class (4.57.0 is yanked, so 4.57.1)
 BOUNDARIES = {"4.53.0": HUB_4X, "4.57.1": HUB_4X, "5.0.0": [], "5.4.0": [], "5.6.0": []}
@@ -87,6 +88,14 @@ def accelerate(session, release):
 
 
 @nox.session
+@nox.parametrize("release", [*CLASSES, TORCH_NEWEST[1]])
+def everything(session, release):
+    """Opt-in: the whole suite on one release per behaviour class, torch 2.13.0."""
+    _run(session, f"torch=={TORCH}", f"transformers=={release}", *CLASSES.get(release, ([],))[0])
+
+
+@nox.session
 @nox.parametrize("release", list(BOUNDARIES))
 def boundaries(session, release):
+    """Opt-in: the whole suite on the first release of each class."""
     _run(session, f"torch=={TORCH}", f"transformers=={release}", *BOUNDARIES[release])
