@@ -143,6 +143,7 @@ def _on_import(modeling_utils) -> None:
         _wrap(modeling_utils, "is_local_dist_rank_0", _runtime.local_dist_rank_0)  # HF_FSDP_LOADFIX_SOURCE
         _state["class"], _state["reason"] = patches.name, None
         _state["case"] = f"untested ({why}), structure matches {patches.name}" if why else "tested"
+        _runtime.untested_release = bool(why)
         if why:
             warnings.warn(f"hf_fsdp_loadfix: transformers {version} is untested ({why}); patched because its "
                           f"structure matches {patches.name}", RuntimeWarning, stacklevel=2)

@@ -335,9 +335,9 @@ def test_accelerate_fix_recognises_the_3898_shape(tmp_path):
     assert "does not start with ('accelerator', 'model', 'full_sd')" in _accelerate.mismatch(module("renamed", renamed))
 
 
-def test_contract_verification_names_what_breaks_it():
+def test_contract_verification_names_what_breaks_it(monkeypatch):
     """The post-load check on non-rank-0 (local, no collective): state dict on meta, non-persistent buffers real
-    and finite; anything else raises naming the entry."""
+    (and finite on an untested release: a tested one may hold -inf masks); anything else raises naming the entry."""
     import torch
 
     from hf_fsdp_loadfix import _runtime
@@ -357,6 +357,10 @@ def test_contract_verification_names_what_breaks_it():
         "inv_freq": lambda m: m.inv_freq.fill_(float("nan")),
         "position": lambda m: m.register_buffer("position", torch.arange(2, device="meta"), persistent=False),
     }
+    nan = Tiny()
+    nan.inv_freq.fill_(float("nan"))
+    _runtime.verify_contract(nan)  # a tested release: only placement is checked
+    monkeypatch.setattr(_runtime, "untested_release", True)
     for name, breaks_it in breaks.items():
         breaks_it(model := Tiny())
         with pytest.raises(RuntimeError, match=rf"contract does not hold: .*\b{name}\b"):
