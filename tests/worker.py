@@ -9,6 +9,9 @@ Field options: ``--alone`` (before that: each rank in turn loads alone under the
 barrier), ``--second-model`` (after it: rank 0 alone loads the checkpoint again), ``--ac``/``--ac-offload``/
 ``--compile`` (accelerate's own activation checkpointing, with offload, or ``torch.compile`` before
 ``fsdp2_prepare_model``), ``--lora`` (peft LoRA, then 3 SGD steps on one batch instead of the comparisons).
+
+``--case KIND DTYPE MODE CKPT`` (repeated) instead of ``--ckpt``: the load, shard and compare steps for each case
+in turn in this one process; the JSON maps ``KIND:DTYPE:MODE`` to what a single-case run writes.
 """
 
 import argparse
@@ -28,7 +31,9 @@ _spec.loader.exec_module(helpers)
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt")
+    p.add_argument("--case", nargs=4, action="append", metavar=("KIND", "DTYPE", "MODE", "CKPT"),
+                   help="instead of --ckpt, repeated: several cases in this one process")
     p.add_argument("--kind", default="llama")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--mode", default="load", choices=["load", "accelerate", "native"])
@@ -44,6 +49,8 @@ def main():
     p.add_argument("--lora", action="store_true", help="peft LoRA, prepared, 3 SGD steps on one batch: the losses")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    if not (args.ckpt or args.case):
+        p.error("--ckpt or --case is required")
 
     rank = helpers.init_rank()
     import torch
@@ -63,20 +70,14 @@ def main():
     if args.seed_per_rank:
         torch.manual_seed(1234 + rank)
     dist.barrier()
+    if args.case:
+        return helpers.finish({"rank": rank, "cases": run_cases(args, rank)}, args.out)
 
     ranks = range(dist.get_world_size()) if args.alone else []
     alone = [load_alone(cls, args.ckpt, load_kwargs, rank, r) for r in ranks]
     ckpt = args.ckpt_other if args.ckpt_other and rank else args.ckpt
-    model, info, measured = helpers.load(cls, ckpt, **load_kwargs)
-    result = {
-        "rank": rank,
-        "transformers": transformers.__version__,
-        "status": __import__("hf_fsdp_loadfix").status() if "hf_fsdp_loadfix" in sys.modules else None,
-        **measured,
-        **helpers.describe(model),
-        "missing_keys": sorted(info["missing_keys"]),
-        "alone": [a for a in alone if a],
-    }
+    model, result = load_and_describe(cls, ckpt, load_kwargs, rank)
+    result["alone"] = [a for a in alone if a]
     if args.lora:
         result["losses"] = lora_steps(model, args, rank)
     elif args.mode != "load":
@@ -84,6 +85,42 @@ def main():
     if args.second_model:
         result["second_model"] = load_alone(cls, args.ckpt, load_kwargs, rank, 0)
     helpers.finish(result, args.out)
+
+
+def load_and_describe(cls, ckpt, load_kwargs, rank):
+    """from_pretrained (peak RSS sampled) and what it left: the model and this rank's result dict."""
+    import transformers
+
+    model, info, measured = helpers.load(cls, ckpt, **load_kwargs)
+    return model, {
+        "rank": rank,
+        "transformers": transformers.__version__,
+        "status": __import__("hf_fsdp_loadfix").status() if "hf_fsdp_loadfix" in sys.modules else None,
+        **measured,
+        **helpers.describe(model),
+        "missing_keys": sorted(info["missing_keys"]),
+    }
+
+
+def run_cases(args, rank):
+    """Each ``--case`` in turn, as a single-case run of it loads (peak RSS sampled), describes, shards and compares."""
+    import gc
+
+    import torch.distributed as dist
+    from models import load_class
+
+    results = {}
+    for kind, dtype, mode, ckpt in args.case:
+        case = argparse.Namespace(**{**vars(args), "kind": kind, "dtype": dtype, "mode": mode, "ckpt": ckpt})
+        cls, load_kwargs = load_class(kind), helpers.dtype_kwargs(dtype)
+        gc.collect()  # the previous case's models: out of this load's RSS base
+        dist.barrier()
+        model, result = load_and_describe(cls, ckpt, load_kwargs, rank)
+        if mode != "load":
+            result.update(shard_and_compare(model, case, cls, load_kwargs, rank))
+        results[f"{kind}:{dtype}:{mode}"] = result
+        del model
+    return results
 
 
 def plain_load(cls, ckpt, load_kwargs):
