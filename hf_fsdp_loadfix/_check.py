@@ -35,9 +35,15 @@ def build_llama(path: str, hidden: int, layers: int, vocab: int = 32000, seed: i
     return sum(p.numel() for p in model.parameters())
 
 
+def _error_line(text: str) -> str:
+    """The exception line of a rank's traceback (its first line where the message spans several), else its last."""
+    lines = [re.sub(r"^\[rank\d+\]: ", "", line) for line in text.strip().splitlines()] or [""]
+    return next((line for line in reversed(lines) if re.match(r"[\w.]+(Error|Exception)\b", line)), lines[-1])
+
+
 def evaluate(outputs, results) -> list[str]:
     """Every way the ranks' reports break the contract (empty: it holds)."""
-    failed = [f"rank {i} exited with status {rc}: {(text.strip().splitlines() or [''])[-1]}"
+    failed = [f"rank {i} exited with status {rc}: {_error_line(text)}"
               for i, ((rc, text), r) in enumerate(zip(outputs, results)) if rc or r is None]
     if failed:
         return failed
@@ -76,21 +82,19 @@ def evaluate(outputs, results) -> list[str]:
 
 def _ranks(outputs, results) -> list[dict]:
     """Per-rank numbers for the JSON report and the table (units in the field names)."""
-    r0 = results[0]
-    ranks = []
+    r0, ranks = results[0] or {}, []
     for i, ((rc, text), r) in enumerate(zip(outputs, results)):
         if r is None:
-            ranks.append({"rank": i, "exit_status": rc, "error": (text.strip().splitlines() or [""])[-1]})
+            ranks.append({"rank": i, "exit_status": rc, "error": _error_line(text)})
             continue
         ranks.append({
             "rank": i, "exit_status": rc, "rss_peak_mb": round(r["rss_peak_delta_kb"] / 1024, 1),
             "load_s": round(r["load_s"], 3), "devices": sorted({v["device"] for v in r["state"].values()}),
-            "non_persistent_buffers_equal_rank0": r0 is not None and r["non_persistent"] == r0["non_persistent"],
+            "non_persistent_buffers_equal_rank0": r["non_persistent"] == r0.get("non_persistent"),
             "checkpoint_keys_compared": r["checkpoint_keys_compared"],
             "checkpoint_keys_mismatched": len(r["mismatch_vs_checkpoint"]),
-            "state_equal_rank0": r0 is not None and r["state_digest"] == r0["state_digest"],
-            "logits_equal_rank0": None if "logits_error" in r else (
-                r0 is not None and r["logits_digest"] == r0.get("logits_digest")),
+            "state_equal_rank0": r["state_digest"] == r0.get("state_digest"),
+            "logits_equal_rank0": None if "logits_error" in r else r["logits_digest"] == r0.get("logits_digest"),
             "logits_nan": r.get("logits_nan"),
         })
     return ranks
@@ -99,8 +103,9 @@ def _ranks(outputs, results) -> list[dict]:
 def _cells(run: dict) -> dict:
     """One column of the table, formatted from a run's numbers."""
     ranks, yes = run["ranks"], {True: "yes", False: "no"}
-    cells = {"FSDP2 sharding + broadcast": (f"accelerate, fix {'applied' if run['accelerate_fix'] == 'applied' else 'off'}"
-                                            if run["sharding"] == "accelerate" else "torch fully_shard")}
+    fix = "applied" if run["accelerate_fix"] == "applied" else "off"
+    cells = {"FSDP2 sharding + broadcast": f"accelerate, fix {fix}" if run["sharding"] == "accelerate"
+             else "torch fully_shard"}
     if any("error" in r for r in ranks):
         return cells
     rest = ranks[1:]
@@ -144,6 +149,8 @@ def check(model: str | None = None, nproc: int = 2, dtype: str = "float32", as_j
     :class:`CannotRun` when it cannot run."""
     from importlib import metadata
 
+    from packaging.version import Version
+
     from . import __version__, _worker
 
     if model is not None:
@@ -162,7 +169,7 @@ def check(model: str | None = None, nproc: int = 2, dtype: str = "float32", as_j
     if stack["transformers"] is None:
         raise CannotRun("transformers is not installed")
     # accelerate's real fsdp2_prepare_model where accelerate can run it (1.6.0 added its full-state-dict broadcast)
-    sharding = "accelerate" if stack["accelerate"] and _major_minor(stack["accelerate"]) >= (1, 6) else "native"
+    sharding = "accelerate" if stack["accelerate"] and Version(stack["accelerate"]) >= Version("1.6") else "native"
     say("hf-fsdp-loadfix check: " + ", ".join(f"{d} {v or 'not installed'}" for d, v in stack.items()))
     tmp = tempfile.mkdtemp(prefix="hf_fsdp_loadfix_check_")
     report = {"hf_fsdp_loadfix": __version__, "stack": stack, "model": model, "nproc": nproc, "load_dtype": dtype,
@@ -194,7 +201,7 @@ def check(model: str | None = None, nproc: int = 2, dtype: str = "float32", as_j
                                 f"{', '.join(map(str, sorted(rejected)))}): {rejected[min(rejected)]}")
             status = next((r["status"] for r in results[1:] if r), None)
             report["runs"][name] = {
-                "env": env, "wall_s": wall_s, "failures": evaluate(outputs, results),
+                "wall_s": wall_s, "failures": evaluate(outputs, results),
                 "applied": bool(status and status["applied"]),
                 "patch": status and (status["class"] if status["applied"] else status["reason"]),
                 "accelerate_fix": status and status["accelerate_fix"], "sharding": sharding,
@@ -202,14 +209,14 @@ def check(model: str | None = None, nproc: int = 2, dtype: str = "float32", as_j
                 "ranks": _ranks(outputs, results), "output": [text[-2000:] for rc, text in outputs if rc]}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    fixed, up = report["runs"]["patched"]["ranks"][0], report["runs"]["upstream"]["ranks"][0]
+    if "error" in fixed and fixed["error"] == up.get("error"):  # rank 0 fails alike with and without the package
+        raise CannotRun(f"the model does not load on this stack, with or without hf_fsdp_loadfix (rank 0): "
+                        f"{fixed['error']}")
     fixed = report["runs"]["patched"]
     report["passed"] = not fixed["failures"]
     print(json.dumps(report, indent=1) if as_json else _table(report))
     return 0 if report["passed"] else 1
-
-
-def _major_minor(version: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in re.findall(r"\d+", version)[:2])
 
 
 def _table(report: dict) -> str:
@@ -225,8 +232,8 @@ def _table(report: dict) -> str:
     lines += [f"{row:{width}}  {columns[0].get(row, '-'):30}  {columns[1].get(row, '-')}" for row in rows]
     looks_flat = all("devices" in r and r["devices"] != ["meta"] and r["rss_peak_mb"] <= PEAK_LIMIT_MB
                      for r in up["ranks"][1:])
-    if looks_flat and _major_minor(report["stack"]["transformers"]) >= (5, 0):
-        lines.append("(upstream's ranks 1+ look flat: without a dtype cast they keep the checkpoint memory-mapped, "
+    if looks_flat and report["load_dtype"] != "float32" and not report["stack"]["transformers"].startswith("4."):
+        lines.append("(upstream's ranks 1+ look flat: without a dtype cast they read the checkpoint memory-mapped, "
                      "and file pages are not anonymous memory)")
     if not fixed["applied"]:
         lines.append(f"\nThe patch is not applied: {fixed['patch'] or 'no rank reported a status'}")

@@ -107,14 +107,16 @@ def test_check_passes_with_the_patch():
         assert rank["non_persistent_buffers_equal_rank0"] and rank["logits_nan"] is False
     rank1, up1 = fixed["ranks"][1], up["ranks"][1]
     assert rank1["devices"] == ["meta"] and up1["devices"] == ["cpu"]
-    assert isinstance(rank1["load_s"], float) and 0 <= rank1["rss_peak_mb"] < 32 < up1["rss_peak_mb"]
+    assert isinstance(rank1["load_s"], float) and 0 <= rank1["rss_peak_mb"] < 32
+    assert transformers.__version__.startswith("4.") or up1["rss_peak_mb"] > 32  # 4.x: uncommitted placeholders
     assert any("parameters and persistent buffers on cpu, not meta" in f for f in up["failures"]), up
     assert "[2/3] patched" in proc.stderr and "[3/3] upstream" in proc.stderr  # progress while it runs
 
 
 def test_check_reports_the_failure_without_the_patch(checkpoints):
-    """The check must be able to fail: with the package disabled, both columns are upstream's."""
-    proc = cli("check", "--model", checkpoints("llama"), "--nproc", "3", module=True,
+    """The check must be able to fail: with the package disabled, both columns are upstream's. A bf16 load (no
+    cast) of this tiny model looks flat upstream, and the table says why."""
+    proc = cli("check", "--model", checkpoints("llama"), "--nproc", "3", "--dtype", "bfloat16", module=True,
                env={"HF_FSDP_LOADFIX": "0"}, timeout=600)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     contract = next(line for line in proc.stdout.splitlines() if line.startswith("contract"))
@@ -123,6 +125,9 @@ def test_check_reports_the_failure_without_the_patch(checkpoints):
     for rank in (1, 2):
         assert f"rank {rank}: parameters and persistent buffers on cpu, not meta" in proc.stdout
     assert "FAIL: the contract does not hold" in proc.stdout
+    note = "(upstream's ranks 1+ look flat: without a dtype cast they read the checkpoint memory-mapped, and file " \
+           "pages are not anonymous memory)"
+    assert (note in proc.stdout.splitlines()) == (not transformers.__version__.startswith("4."))
 
 
 @pytest.mark.parametrize("model,error", [
@@ -151,13 +156,25 @@ def test_check_reports_a_rejected_checkpoint(checkpoints, tmp_path):
     """A truncated shard: the package refuses it on every rank; check says so (exit 2), not a contract failure,
     and does not go on to the upstream run."""
     ckpt = str(tmp_path / "truncated")
-    shutil.copytree(checkpoints("llama"), ckpt)
-    shard = os.path.join(ckpt, "model.safetensors")
+    shutil.copytree(checkpoints("llama_sharded"), ckpt)
+    shard = os.path.join(ckpt, sorted(f for f in os.listdir(ckpt) if f.endswith(".safetensors"))[-1])
     os.truncate(shard, os.path.getsize(shard) - 100)
     proc = cli("check", "--model", ckpt, "--json", timeout=600)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     error = json.loads(proc.stdout)["error"]
     assert error.startswith("hf_fsdp_loadfix rejected the checkpoint before loading (rank 0, 1): checkpoint "
                             "problem"), error
-    assert "model.safetensors" in error and "upstream" not in proc.stderr
+    assert os.path.basename(shard) in error and "upstream" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: {error}"
+
+
+def test_check_reports_a_model_that_does_not_load_at_all(tmp_path):
+    """Rank 0 fails alike with and without the package (a config transformers cannot read): exit 2, one line."""
+    os.makedirs(tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "no_such_model_type"}')
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"")
+    proc = cli("check", "--model", str(tmp_path / "model"), timeout=600)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the model does not load on this stack, with or without hf_fsdp_loadfix (rank 0): ")
+    assert "no_such_model_type" in last, last
