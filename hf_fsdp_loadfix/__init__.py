@@ -23,7 +23,7 @@ _MODULE = "transformers.modeling_utils"
 _ACCELERATE = "accelerate.utils.fsdp_utils"
 _lock = RLock()
 _state = {"wanted": False, "hook": False, "class": None, "reason": "apply() not called", "originals": {},
-          "accelerate": "not imported", "case": None}
+          "accelerate": "not imported", "stream": "not imported", "case": None}
 
 
 def apply() -> None:
@@ -62,7 +62,7 @@ def revert() -> None:
         for (owner, attr), original in _state["originals"].items():
             setattr(owner, attr, original)
         _state["originals"] = {}
-        _state["class"], _state["reason"], _state["accelerate"], _state["case"] = None, "reverted", "reverted", None
+        _state.update({"class": None, "reason": "reverted", "accelerate": "reverted", "stream": "reverted", "case": None})
 
 
 def status() -> dict:
@@ -150,19 +150,22 @@ def _on_import(modeling_utils) -> None:
 
 
 def _on_accelerate_import(fsdp_utils) -> None:
-    from . import _accelerate
+    from . import _accelerate, _stream
 
     with _lock:
         if not _state["wanted"] or _state["accelerate"] == "applied":
             return
         _config.validate()
         if not (_config.enabled() and _config.accelerate_fix()):
-            _state["accelerate"] = "disabled by HF_FSDP_LOADFIX_ACCELERATE=0 or HF_FSDP_LOADFIX=0"
+            _state["accelerate"] = _state["stream"] = "disabled by HF_FSDP_LOADFIX_ACCELERATE=0 or HF_FSDP_LOADFIX=0"
             return
         why = _accelerate.mismatch(fsdp_utils)
+        # streaming replaces the load that the #3898 fix wraps: only where that fix applies
+        stream_why = _stream.mismatch(fsdp_utils) if why is None else f"not applied: the accelerate fix is {why}"
         if why is None:
             _wrap(fsdp_utils, _accelerate.TARGET, _accelerate.load_full_state_dict)
-        _state["accelerate"] = why or "applied"
-
+        if stream_why is None:
+            _wrap(fsdp_utils, _stream.PREPARE, _stream.prepare_model)
+        _state["accelerate"], _state["stream"] = why or "applied", stream_why or "applied"
 
 apply()

@@ -10,6 +10,7 @@ import textwrap
 
 import torch
 
+from . import _stream
 from ._runtime import _owned_buffers
 
 TARGET = "fsdp2_load_full_state_dict"
@@ -96,6 +97,9 @@ def load_full_state_dict(wrapped, instance, args, kwargs):
                 # the zip-ordered loop of accelerate 1.6-1.13 stays aligned
                 owner._non_persistent_buffers_set.add(leaf)
         try:
+            stream = _stream.stream_for(model)
+            if stream is not None:
+                return _stream.load(stream, accelerator, model, *rest, **kw)
             keys = {key for key, _ in plain}
             return wrapped(accelerator, model, {k: v for k, v in full_sd.items() if k not in keys}, *rest, **kw)
         finally:

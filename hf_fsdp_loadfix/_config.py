@@ -52,6 +52,12 @@ def accelerate_fix() -> bool:
     return env_flag("HF_FSDP_LOADFIX_ACCELERATE", True)
 
 
+def stream() -> bool:
+    """HF_FSDP_LOADFIX_STREAM=0 leaves rank 0's side of accelerate's fsdp2_prepare_model as upstream has it (default:
+    stream the upcast and broadcast each tensor once). Read at each fsdp2_prepare_model call."""
+    return env_flag("HF_FSDP_LOADFIX_STREAM", True)
+
+
 def buffers() -> str:
     """HF_FSDP_LOADFIX_BUFFERS: off | verify (compare non-persistent buffers across ranks) | broadcast (rank 0's)."""
     return env_choice("HF_FSDP_LOADFIX_BUFFERS", ("off", "verify", "broadcast"))
@@ -64,5 +70,5 @@ def source() -> str:
 
 def validate() -> None:
     """Raise on the first junk value among all the package's variables."""
-    for check in (enabled, forced, strict, accelerate_fix, buffers, source):
+    for check in (enabled, forced, strict, accelerate_fix, stream, buffers, source):
         check()

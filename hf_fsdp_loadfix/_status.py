@@ -76,7 +76,8 @@ def report(state: dict) -> dict:
     expected = versions.class_for(version) if version else None
     try:
         _config.validate()
-        env_error, options = None, {"buffers": _config.buffers(), "source": _config.source()}
+        env_error, options = None, {"buffers": _config.buffers(), "source": _config.source(),
+                                     "stream": _config.stream()}
     except ValueError as err:
         env_error, options = str(err), None
     found = traps()
@@ -91,6 +92,7 @@ def report(state: dict) -> dict:
         "case": state["case"],  # "tested", "untested (newer than X), structure matches CN", "refused: why"
         "reason": env_error or (state["reason"] if version else "transformers is not installed"),
         "accelerate_fix": state["accelerate"] if _installed("accelerate") else "not installed",
+        "accelerate_stream": state["stream"] if _installed("accelerate") else "not installed",
         "options": options,
         "startup_hook": startup_hook(),
         "process": _process_role(found),

@@ -1,11 +1,13 @@
 """One rank of an FSDP cpu-ram-efficient load, as ``hf-fsdp-loadfix check`` and the benchmarks run it.
 
-    python -m hf_fsdp_loadfix._worker --ckpt DIR --out DIR [--dtype float32] [--load-only | --shard accelerate]
+    python -m hf_fsdp_loadfix._worker --ckpt DIR --out DIR [--dtype float32] [--load-only | --shard accelerate
+        [--mixed-precision bf16]] [--prepare-only]
 
 ``from_pretrained`` under transformers' FSDP gate with the peak anonymous RSS sampled from /proc, then (unless
 ``--load-only``) FSDP2 sharding with the broadcast from rank 0 (torch's ``fully_shard`` + ``set_model_state_dict(
 broadcast_from_rank0=True)``, or accelerate's own ``fsdp2_prepare_model``), the full state dict compared bitwise
-with the checkpoint file, and a forward pass. Writes ``rank<N>.json`` into ``--out``.
+with the checkpoint file, and a forward pass (``--prepare-only``: the peak over load and sharding, and the sharding's
+time, nothing compared). Writes ``rank<N>.json`` into ``--out``.
 :func:`launch` starts N such processes with the variables torchrun would set.
 """
 
@@ -154,25 +156,31 @@ def shard_native(model, rank: int):
     return model
 
 
-def shard_accelerate(model, rank: int):
-    """accelerate's own ``fsdp2_prepare_model`` with ``cpu_ram_efficient_loading=True``, as ``accelerate launch``
-    runs it (transformer-based wrap of the model's ``_no_split_modules``, no mixed precision), on CPU/gloo: it only
-    reads these attributes of the ``Accelerator``."""
+def accelerator_like(rank: int, mixed_precision: str = "no", **plugin_kwargs):
+    """What accelerate's FSDP2 functions read from an ``Accelerator`` (``cpu_ram_efficient_loading=True``, a
+    transformer-based wrap, ``mixed_precision`` as ``--mixed_precision`` sets it for both), on CPU/gloo."""
     from types import SimpleNamespace
 
     import torch
+    from accelerate import PartialState
     from accelerate.utils import FullyShardedDataParallelPlugin
+
+    PartialState(cpu=True)  # accelerate's logging needs it (as Accelerator() initialises it)
+    if mixed_precision != "no":
+        plugin_kwargs["mixed_precision_policy"] = mixed_precision
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True,
+                                            auto_wrap_policy="transformer_based_wrap", **plugin_kwargs)
+    return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
+                           parallelism_config=None, mixed_precision=mixed_precision, is_main_process=rank == 0,
+                           device=torch.device("cpu"))
+
+
+def shard_accelerate(model, rank: int, mixed_precision: str = "no"):
+    """accelerate's own ``fsdp2_prepare_model``, as ``accelerate launch`` runs it (the model's
+    ``_no_split_modules`` wrapped)."""
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True,
-                                            auto_wrap_policy="transformer_based_wrap")
-    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
-                                  parallelism_config=None, mixed_precision="no", is_main_process=rank == 0,
-                                  device=torch.device("cpu"))
-    return fsdp2_prepare_model(accelerator, model)
-
-
-SHARD = {"native": shard_native, "accelerate": shard_accelerate}
+    return fsdp2_prepare_model(accelerator_like(rank, mixed_precision), model)
 
 
 def full_state(model) -> dict:
@@ -247,7 +255,9 @@ def main():
     p.add_argument("--ckpt", required=True)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--load-only", action="store_true")
-    p.add_argument("--shard", default="native", choices=sorted(SHARD))
+    p.add_argument("--shard", default="native", choices=["native", "accelerate"])
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="--shard accelerate's")
+    p.add_argument("--prepare-only", action="store_true", help="measure the load and the sharding, compare nothing")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -262,13 +272,21 @@ def main():
         import accelerate.utils.fsdp_utils  # noqa: F401  (so that status() reports the accelerate fix)
     cls, kwargs = model_class(args.ckpt), dtype_kwargs(args.dtype)
     dist.barrier()
+    total = PeakSampler()  # from_pretrained and the sharding together
+    total.start()
     model, info, measured = load(cls, args.ckpt, **kwargs)
     result = {"rank": rank, "transformers": transformers.__version__, "status": hf_fsdp_loadfix.status(),
               **measured, **describe(model), "missing_keys": sorted(info["missing_keys"]),
               "persistent_buffers": sorted(model.state_dict().keys() - dict(model.named_parameters(
                   remove_duplicate=False)).keys())}
     if not args.load_only:
-        model = SHARD[args.shard](model, rank)
+        t0 = time.perf_counter()
+        if args.shard == "accelerate":
+            model = shard_accelerate(model, rank, args.mixed_precision)
+        else:
+            model = shard_native(model, rank)
+        result.update(prepare_s=time.perf_counter() - t0, rss_peak_total_delta_kb=total.finish())
+    if not (args.load_only or args.prepare_only):
         full = full_state(model)
         result.update(compare_to_checkpoint(full, args.ckpt))
         result["state_digest"] = hashlib.sha1("".join(k + digest(full[k]) for k in sorted(full)).encode()).hexdigest()

@@ -5,7 +5,7 @@ import os
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 
 def _llama(tie=False, hidden=64, layers=2, vocab=128, inter=None):
@@ -64,6 +64,12 @@ def _llava():
         num_key_value_heads=2, max_position_embeddings=64,
     )
     return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=150))
+
+
+class LlamaKeepFp32ForCausalLM(LlamaForCausalLM):
+    """``down_proj`` is loaded as float32 whatever the load dtype (``_strict``: bf16 included, 4.54+)."""
+
+    _keep_in_fp32_modules = _keep_in_fp32_modules_strict = ["down_proj"]
 
 
 class RootBufferConfig(PretrainedConfig):
@@ -150,6 +156,7 @@ BUILDERS = {
     "llama_sharded": _llama,  # several safetensors shards + index
     "llama_bin": _llama,  # a pickle checkpoint (pytorch_model.bin)
     "llama_tied": lambda: _llama(tie=True),
+    "keep_fp32": lambda: LlamaKeepFp32ForCausalLM(_llama().config),
     "root_buffer": _root_buffer,
     "random_buffer": _random_buffer,
     "t5": _t5,
@@ -180,8 +187,9 @@ def build(kind: str, path: str, dtype=torch.bfloat16, seed=0, **kwargs) -> str:
 def load_class(kind: str):
     import transformers
 
-    if kind in ("root_buffer", "random_buffer"):
-        return RootBufferModel if kind == "root_buffer" else RandomBufferModel
+    custom = {"root_buffer": RootBufferModel, "random_buffer": RandomBufferModel, "keep_fp32": LlamaKeepFp32ForCausalLM}
+    if kind in custom:
+        return custom[kind]
     return {"t5": transformers.AutoModelForSeq2SeqLM, "llava": transformers.LlavaForConditionalGeneration}.get(
         kind, transformers.AutoModelForCausalLM
     )

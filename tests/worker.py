@@ -10,6 +10,10 @@ barrier), ``--second-model`` (after it: rank 0 alone loads the checkpoint again)
 ``--compile`` (accelerate's own activation checkpointing, with offload, or ``torch.compile`` before
 ``fsdp2_prepare_model``), ``--lora`` (peft LoRA, then 3 SGD steps on one batch instead of the comparisons).
 
+``--stream-case NAME KIND CKPT`` (repeated) instead of ``--ckpt``: for each case, accelerate's ``fsdp2_prepare_model``
+under bf16 mixed precision twice in this process, with HF_FSDP_LOADFIX_STREAM=0 and =1, and what each left (see
+:func:`stream_case`).
+
 ``--case KIND DTYPE MODE CKPT`` (repeated) instead of ``--ckpt``: the load, shard and compare steps for each case
 in turn in this one process; the JSON maps ``KIND:DTYPE:MODE`` to what a single-case run writes.
 """
@@ -34,6 +38,8 @@ def main():
     p.add_argument("--ckpt")
     p.add_argument("--case", nargs=4, action="append", metavar=("KIND", "DTYPE", "MODE", "CKPT"),
                    help="instead of --ckpt, repeated: several cases in this one process")
+    p.add_argument("--stream-case", nargs=3, action="append", metavar=("NAME", "KIND", "CKPT"),
+                   help="instead of --ckpt, repeated: accelerate's prepare with and without streaming, compared")
     p.add_argument("--kind", default="llama")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--mode", default="load", choices=["load", "accelerate", "native"])
@@ -46,11 +52,12 @@ def main():
     p.add_argument("--ac", action="store_true", help="accelerate's activation checkpointing before preparing")
     p.add_argument("--ac-offload", action="store_true", help="--ac with activation_checkpointing_offload")
     p.add_argument("--compile", action="store_true", help="torch.compile (eager backend) before preparing")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="accelerate's, with --mode accelerate")
     p.add_argument("--lora", action="store_true", help="peft LoRA, prepared, 3 SGD steps on one batch: the losses")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    if not (args.ckpt or args.case):
-        p.error("--ckpt or --case is required")
+    if not (args.ckpt or args.case or args.stream_case):
+        p.error("--ckpt, --case or --stream-case is required")
 
     rank = helpers.init_rank()
     import torch
@@ -72,6 +79,10 @@ def main():
     dist.barrier()
     if args.case:
         return helpers.finish({"rank": rank, "cases": run_cases(args, rank)}, args.out)
+    if args.stream_case:
+        return helpers.finish({"rank": rank, "cases": {name: {
+            stream: stream_case(name, kind, ckpt, stream, args, rank) for stream in ("0", "1")}
+            for name, kind, ckpt in args.stream_case}}, args.out)
 
     ranks = range(dist.get_world_size()) if args.alone else []
     alone = [load_alone(cls, args.ckpt, load_kwargs, rank, r) for r in ranks]
@@ -162,24 +173,12 @@ def load_alone(cls, ckpt, load_kwargs, rank, loader):
 
 
 def accelerator_like(model, args, rank):
-    """What accelerate's FSDP2 functions read from an Accelerator, on CPU/gloo; the auto-wrap policy wraps the
-    model's decoder layers."""
-    import torch
-    from types import SimpleNamespace
-
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
+    """The package's accelerator-like object, wrapping the model's decoder layers, with the field options."""
     layers = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Layer")})
     ac = {"activation_checkpointing": True} if args.ac or args.ac_offload else {}
     if args.ac_offload:
         ac["activation_checkpointing_offload"] = True
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True,
-                                            auto_wrap_policy="transformer_based_wrap",
-                                            transformer_cls_names_to_wrap=layers, **ac)
-    return SimpleNamespace(
-        state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, parallelism_config=None,
-        mixed_precision="no", is_main_process=rank == 0, device=torch.device("cpu"),
-    )
+    return helpers.accelerator_like(rank, args.mixed_precision, transformer_cls_names_to_wrap=layers, **ac)
 
 
 def accelerate_prepare(model, args, rank):
@@ -214,6 +213,78 @@ def lora_steps(model, args, rank):
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+# --stream-case NAME: what the case changes (mixed precision "no" for nomp, accelerate's cpu_offload for offload,
+# activation checkpointing for ac; frozen: the embeddings and the first layer frozen; lora: peft LoRA on q/v)
+STREAM_CASES = {"ac": {"ac": True}, "tied": {}, "keep_fp32": {}, "frozen": {}, "persistent_buffer": {}, "lora": {},
+                "offload": {"cpu_offload": True}, "nomp": {"mixed_precision": "no"}}
+
+
+def stream_case(name, kind, ckpt, stream, args, rank):
+    """Load ``ckpt`` (bf16), apply the case, run accelerate's fsdp2_prepare_model under bf16 mixed precision (its
+    activation checkpointing first for ``ac``) with HF_FSDP_LOADFIX_STREAM=``stream``, then one SGD step on one batch.
+    Returns this rank's local shard of every state-dict key (digest, dtype, placements, requires_grad), every
+    buffer, the bytes that went through ``dist.broadcast`` in prepare, the bytes of rank 0's loaded
+    tensors, the checkpoint comparison of the gathered state, the loss, and the shards after the step."""
+    import gc
+
+    import torch
+    import torch.distributed as dist
+    from accelerate.utils import fsdp_utils
+    from models import load_class
+    from peft import LoraConfig, get_peft_model
+
+    gc.collect()
+    os.environ["HF_FSDP_LOADFIX_STREAM"] = stream
+    opts = STREAM_CASES[name]
+    model = load_class(kind).from_pretrained(ckpt, **helpers.dtype_kwargs("bfloat16"))
+    if name == "frozen":
+        for key, param in model.named_parameters():
+            if "embed_tokens" in key or ".layers.0." in key:
+                param.requires_grad_(False)
+    if name == "lora":
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    unique = {id(t): t for t in model.state_dict(keep_vars=True).values()}.values()
+    loaded_bytes = sum(t.numel() * t.element_size() for t in unique)
+    layers = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Layer")})
+    extra = {"activation_checkpointing": True} if opts.get("ac") else {}
+    if opts.get("cpu_offload"):  # pinned memory needs an accelerator
+        extra["cpu_offload"] = torch.distributed.fsdp.CPUOffloadPolicy(pin_memory=False)
+    accelerator = helpers.accelerator_like(rank, opts.get("mixed_precision", "bf16"),
+                                           transformer_cls_names_to_wrap=layers, **extra)
+    sent, broadcast = [0], dist.broadcast
+
+    def counting(tensor, *a, **kw):
+        sent[0] += tensor.numel() * tensor.element_size()
+        return broadcast(tensor, *a, **kw)
+
+    if opts.get("ac"):
+        model = fsdp_utils.fsdp2_apply_ac(accelerator, model)
+    dist.broadcast = counting
+    try:
+        model = fsdp_utils.fsdp2_prepare_model(accelerator, model)
+    finally:
+        dist.broadcast = broadcast
+
+    def shards():
+        return {k: {"digest": helpers.digest(v.to_local() if hasattr(v, "to_local") else v), "dtype": str(v.dtype),
+                    "placements": str(getattr(v, "placements", None)), "requires_grad": v.requires_grad}
+                for k, v in model.state_dict(keep_vars=True).items()}
+
+    result = {"shards": shards(), "bytes_broadcast": sent[0], "loaded_bytes": loaded_bytes,
+              "buffers": {k: [helpers.digest(v), str(v.dtype)] for k, v in model.named_buffers()},
+              "status": __import__("hf_fsdp_loadfix").status()["accelerate_stream"]}
+    if name != "lora":
+        result.update(helpers.compare_to_checkpoint(helpers.full_state(model), ckpt))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.arange(1, 17).reshape(2, 8) % model.config.vocab_size
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    result.update(loss=loss.item(), after_step=shards())
+    return result
 
 
 def shard_and_compare(model, args, cls, load_kwargs, rank):
