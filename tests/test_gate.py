@@ -222,7 +222,7 @@ def test_disable_switch():
 
 
 @pytest.mark.parametrize("var", ["HF_FSDP_LOADFIX", "HF_FSDP_LOADFIX_FORCE", "HF_FSDP_LOADFIX_STRICT",
-                                 "HF_FSDP_LOADFIX_ACCELERATE",
+                                 "HF_FSDP_LOADFIX_ACCELERATE", "HF_FSDP_LOADFIX_STREAM",
                                  "HF_FSDP_LOADFIX_BUFFERS", "HF_FSDP_LOADFIX_SOURCE"])
 def test_junk_env_value_is_a_clear_error(var):
     rc, _, err = py("import hf_fsdp_loadfix; import transformers.modeling_utils", env={var: "maybe"})

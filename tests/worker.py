@@ -40,6 +40,7 @@ def main():
                    help="instead of --ckpt, repeated: several cases in this one process")
     p.add_argument("--stream-case", nargs=3, action="append", metavar=("NAME", "KIND", "CKPT"),
                    help="instead of --ckpt, repeated: accelerate's prepare with and without streaming, compared")
+    p.add_argument("--stream", default="0,1", help="the HF_FSDP_LOADFIX_STREAM values each --stream-case runs with")
     p.add_argument("--kind", default="llama")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--mode", default="load", choices=["load", "accelerate", "native"])
@@ -81,7 +82,7 @@ def main():
         return helpers.finish({"rank": rank, "cases": run_cases(args, rank)}, args.out)
     if args.stream_case:
         return helpers.finish({"rank": rank, "cases": {name: {
-            stream: stream_case(name, kind, ckpt, stream, args, rank) for stream in ("0", "1")}
+            stream: stream_case(name, kind, ckpt, stream, args, rank) for stream in args.stream.split(",")}
             for name, kind, ckpt in args.stream_case}}, args.out)
 
     ranks = range(dist.get_world_size()) if args.alone else []
@@ -238,6 +239,7 @@ def stream_case(name, kind, ckpt, stream, args, rank):
     gc.collect()
     os.environ["HF_FSDP_LOADFIX_STREAM"] = stream
     opts = STREAM_CASES[name]
+    ckpt = args.ckpt_other if args.ckpt_other and rank else ckpt
     model = load_class(kind).from_pretrained(ckpt, **helpers.dtype_kwargs("bfloat16"))
     if name == "frozen":
         for key, param in model.named_parameters():
