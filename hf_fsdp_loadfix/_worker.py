@@ -12,6 +12,7 @@ time, nothing compared). Writes ``rank<N>.json`` into ``--out``.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -183,6 +184,24 @@ def shard_accelerate(model, rank: int, mixed_precision: str = "no"):
     return fsdp2_prepare_model(accelerator_like(rank, mixed_precision), model)
 
 
+@contextlib.contextmanager
+def counted_broadcasts():
+    """Bytes sent with ``dist.broadcast`` (what accelerate and the package call) inside the block: ``[n]``."""
+    import torch.distributed as dist
+
+    sent, broadcast = [0], dist.broadcast
+
+    def counting(tensor, *args, **kwargs):
+        sent[0] += tensor.numel() * tensor.element_size()
+        return broadcast(tensor, *args, **kwargs)
+
+    dist.broadcast = counting
+    try:
+        yield sent
+    finally:
+        dist.broadcast = broadcast
+
+
 def full_state(model) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -281,11 +300,13 @@ def main():
                   remove_duplicate=False)).keys())}
     if not args.load_only:
         t0 = time.perf_counter()
-        if args.shard == "accelerate":
-            model = shard_accelerate(model, rank, args.mixed_precision)
-        else:
-            model = shard_native(model, rank)
-        result.update(prepare_s=time.perf_counter() - t0, rss_peak_total_delta_kb=total.finish())
+        with counted_broadcasts() as sent:
+            if args.shard == "accelerate":
+                model = shard_accelerate(model, rank, args.mixed_precision)
+            else:
+                model = shard_native(model, rank)
+        result.update(prepare_s=time.perf_counter() - t0, rss_peak_total_delta_kb=total.finish(),
+                      bytes_broadcast=sent[0])
     if not (args.load_only or args.prepare_only):
         full = full_state(model)
         result.update(compare_to_checkpoint(full, args.ckpt))

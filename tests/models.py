@@ -1,11 +1,12 @@
 """Tiny checkpoints built locally (``from_config`` + ``save_pretrained``, never a hub download)."""
 
+import functools
 import math
 import os
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 
 def _llama(tie=False, hidden=64, layers=2, vocab=128, inter=None):
@@ -66,10 +67,16 @@ def _llava():
     return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=150))
 
 
-class LlamaKeepFp32ForCausalLM(LlamaForCausalLM):
-    """``down_proj`` is loaded as float32 whatever the load dtype (``_strict``: bf16 included, 4.54+)."""
+@functools.cache
+def keep_fp32_class():
+    """A Llama whose ``down_proj`` is loaded as float32 whatever the load dtype (``_strict``: bf16 included). Made on
+    first use: importing the Llama module at import time would undo the worker's --relabel."""
+    from transformers import LlamaForCausalLM
 
-    _keep_in_fp32_modules = _keep_in_fp32_modules_strict = ["down_proj"]
+    class LlamaKeepFp32ForCausalLM(LlamaForCausalLM):
+        _keep_in_fp32_modules = _keep_in_fp32_modules_strict = ["down_proj"]
+
+    return LlamaKeepFp32ForCausalLM
 
 
 class RootBufferConfig(PretrainedConfig):
@@ -156,7 +163,7 @@ BUILDERS = {
     "llama_sharded": _llama,  # several safetensors shards + index
     "llama_bin": _llama,  # a pickle checkpoint (pytorch_model.bin)
     "llama_tied": lambda: _llama(tie=True),
-    "keep_fp32": lambda: LlamaKeepFp32ForCausalLM(_llama().config),
+    "keep_fp32": lambda: keep_fp32_class()(_llama().config),
     "root_buffer": _root_buffer,
     "random_buffer": _random_buffer,
     "t5": _t5,
@@ -187,9 +194,10 @@ def build(kind: str, path: str, dtype=torch.bfloat16, seed=0, **kwargs) -> str:
 def load_class(kind: str):
     import transformers
 
-    custom = {"root_buffer": RootBufferModel, "random_buffer": RandomBufferModel, "keep_fp32": LlamaKeepFp32ForCausalLM}
-    if kind in custom:
-        return custom[kind]
+    if kind == "keep_fp32":
+        return keep_fp32_class()
+    if kind in ("root_buffer", "random_buffer"):
+        return RootBufferModel if kind == "root_buffer" else RandomBufferModel
     return {"t5": transformers.AutoModelForSeq2SeqLM, "llava": transformers.LlavaForConditionalGeneration}.get(
         kind, transformers.AutoModelForCausalLM
     )

@@ -231,7 +231,6 @@ def stream_case(name, kind, ckpt, stream, args, rank):
     import gc
 
     import torch
-    import torch.distributed as dist
     from accelerate.utils import fsdp_utils
     from models import load_class
     from peft import LoraConfig, get_peft_model
@@ -256,19 +255,10 @@ def stream_case(name, kind, ckpt, stream, args, rank):
         extra["cpu_offload"] = torch.distributed.fsdp.CPUOffloadPolicy(pin_memory=False)
     accelerator = helpers.accelerator_like(rank, opts.get("mixed_precision", "bf16"),
                                            transformer_cls_names_to_wrap=layers, **extra)
-    sent, broadcast = [0], dist.broadcast
-
-    def counting(tensor, *a, **kw):
-        sent[0] += tensor.numel() * tensor.element_size()
-        return broadcast(tensor, *a, **kw)
-
     if opts.get("ac"):
         model = fsdp_utils.fsdp2_apply_ac(accelerator, model)
-    dist.broadcast = counting
-    try:
+    with helpers.counted_broadcasts() as sent:
         model = fsdp_utils.fsdp2_prepare_model(accelerator, model)
-    finally:
-        dist.broadcast = broadcast
 
     def shards():
         return {k: {"digest": helpers.digest(v.to_local() if hasattr(v, "to_local") else v), "dtype": str(v.dtype),

@@ -1,0 +1,142 @@
+"""Rank 0's memory and the prepare time of accelerate's ``fsdp2_prepare_model`` under bf16 mixed precision against
+model size, with and without streaming (HF_FSDP_LOADFIX_STREAM), on the installed transformers and accelerate.
+
+    pip install matplotlib                     # for the plot
+    python benchmarks/stream.py [--sizes 0.1 0.25 0.5 1 2] [--nproc 2]
+
+The checkpoints are sweep.py's (bf16 Llamas built locally once, cached under <tmp>/hf_fsdp_loadfix_bench), loaded
+in their own dtype. Each rank (``python -m hf_fsdp_loadfix._worker --shard accelerate --prepare-only``, gloo, CPU)
+runs from_pretrained then fsdp2_prepare_model with cpu_ram_efficient_loading; per rank: peak anonymous RSS over both
+(sampled from /proc every 0.5 ms), the prepare time, and the bytes sent with dist.broadcast. Three runs per size:
+mixed precision bf16 with streaming off (accelerate as it is) and on, and no mixed precision (accelerate as it is:
+the time reference). Targets: rank 0's peak <= its own fp32 shard + 2 x the largest fp32 tensor + 64 MB; prepare
+time with mixed precision <= 1.5 x without it. Writes benchmarks/results/stream-<accelerate>.{json,md,png}.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+
+from sweep import RESULTS, SIZES, checkpoint
+
+from hf_fsdp_loadfix._worker import launch
+
+RUNS = {"upstream": ("bf16", "0"), "streamed": ("bf16", "1"), "no mixed precision": ("no", "0")}
+
+
+def largest_numel(ckpt):
+    with open(os.path.join(ckpt, "model.safetensors"), "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return max(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+
+
+def measure(args, versions):
+    rows = []
+    for size in args.sizes:
+        ckpt, params = checkpoint(size, args.dir)
+        target_mb = (4 * params / args.nproc + 2 * 4 * largest_numel(ckpt)) / 2**20 + 64
+        for run, (mixed, stream) in RUNS.items():
+            outputs, results = launch(["-m", "hf_fsdp_loadfix._worker", "--ckpt", ckpt, "--shard", "accelerate",
+                                       "--mixed-precision", mixed, "--prepare-only"], tempfile.mkdtemp(),
+                                      nproc=args.nproc, timeout=3600, env={"HF_FSDP_LOADFIX_STREAM": stream})
+            if any(rc for rc, _ in outputs):
+                sys.exit(next(text for rc, text in outputs if rc)[-3000:])
+            rows.append({**versions, "params": params, "nproc": args.nproc, "run": run, "target_rank0_mb": target_mb,
+                         "stream": results[0]["status"]["accelerate_stream"] if stream == "1" else "off",
+                         "peak_mb": [round(r["rss_peak_total_delta_kb"] / 1024, 1) for r in results],
+                         "prepare_s": [round(r["prepare_s"], 2) for r in results],
+                         "broadcast_mb": [round(r["bytes_broadcast"] / 2**20, 1) for r in results]})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def markdown(rows):
+    v = rows[0]
+    lines = [f"# accelerate {v['accelerate']}, transformers {v['transformers']}: fsdp2_prepare_model under bf16 "
+             "mixed precision, streamed or not", "",
+             f"{v['nproc']} CPU gloo ranks, bf16 safetensors Llamas built locally, loaded as bf16, then accelerate's "
+             "fsdp2_prepare_model with cpu_ram_efficient_loading; `python benchmarks/stream.py`. Peak anonymous RSS "
+             "above each rank's baseline over from_pretrained + prepare; broadcast = MB each rank received through "
+             "dist.broadcast. Cells: accelerate as it is / streamed; time reference: no mixed precision.", "",
+             "| params | rank 0 peak MB | rank 0 target MB | rank 1 peak MB | prepare s | prepare s, no mixed "
+             "precision | ratio to no mixed precision | broadcast MB |", "|---|---|---|---|---|---|---|---|"]
+    by = {(r["params"], r["run"]): r for r in rows}
+    met = []
+    for params in sorted({r["params"] for r in rows}):
+        up, st, ref = (by[(params, run)] for run in RUNS)
+        ratio = (max(up["prepare_s"]) / max(ref["prepare_s"]), max(st["prepare_s"]) / max(ref["prepare_s"]))
+        met.append(st["peak_mb"][0] <= st["target_rank0_mb"] and ratio[1] <= 1.5)
+        lines.append(f"| {params / 1e9:.2f}B | {up['peak_mb'][0]:.0f} / {st['peak_mb'][0]:.0f} | "
+                     f"{st['target_rank0_mb']:.0f} | {up['peak_mb'][1]:.0f} / {st['peak_mb'][1]:.0f} | "
+                     f"{max(up['prepare_s']):.2f} / {max(st['prepare_s']):.2f} | {max(ref['prepare_s']):.2f} | "
+                     f"{ratio[0]:.1f}x / {ratio[1]:.1f}x | {up['broadcast_mb'][1]:.0f} / {st['broadcast_mb'][1]:.0f} |")
+    lines += ["", f"Streaming: {rows[1]['stream']}. Targets (rank 0 within its target, streamed prepare within 1.5x "
+              f"the time without mixed precision) met at {sum(met)} of {len(met)} sizes."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (mem, secs) = plt.subplots(1, 2, figsize=(11, 4))
+    for run, color in zip(RUNS, ("tab:red", "tab:blue", "tab:grey")):
+        runs = [r for r in rows if r["run"] == run]
+        x = [r["params"] / 1e9 for r in runs]
+        if run != "no mixed precision":
+            mem.plot(x, [r["peak_mb"][0] for r in runs], "-o", color=color, label=f"rank 0, {run}")
+            mem.plot(x, [r["peak_mb"][1] for r in runs], "--s", color=color, label=f"rank 1, {run}")
+        secs.plot(x, [max(r["prepare_s"]) for r in runs], "-o", color=color, label=run)
+    target = [r for r in rows if r["run"] == "streamed"]
+    mem.plot([r["params"] / 1e9 for r in target], [r["target_rank0_mb"] for r in target], ":", color="black",
+             label="rank 0 target")
+    mem.set_ylabel("peak anonymous RSS above baseline (MB)")
+    secs.set_ylabel("fsdp2_prepare_model (s)")
+    for ax in (mem, secs):
+        ax.set_xlabel("parameters (billions)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    v = rows[0]
+    fig.suptitle(f"accelerate {v['accelerate']} fsdp2_prepare_model, bf16 mixed precision, {v['nproc']} ranks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", type=float, nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "hf_fsdp_loadfix_bench"))
+    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--from-json", help="only rewrite the table and plot from an earlier run's JSON")
+    args = p.parse_args()
+
+    if args.from_json:
+        rows = json.load(open(args.from_json))
+    else:
+        import accelerate
+        import torch
+        import transformers
+
+        rows = measure(args, {"accelerate": accelerate.__version__, "transformers": transformers.__version__,
+                              "torch": torch.__version__})
+    stem = os.path.join(args.out, f"stream-{rows[0]['accelerate']}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(rows))
+    plot(rows, stem + ".png")
+    print(open(stem + ".md").read())
+
+
+if __name__ == "__main__":
+    main()
