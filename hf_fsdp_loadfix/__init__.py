@@ -21,6 +21,7 @@ __all__ = ["apply", "revert", "status"]
 
 _MODULE = "transformers.modeling_utils"
 _ACCELERATE = "accelerate.utils.fsdp_utils"
+_ACCELERATE_ALIASES = ("accelerate.utils", "accelerate.accelerator")  # import fsdp_utils' functions by name
 _lock = RLock()
 _state = {"wanted": False, "hook": False, "class": None, "reason": "apply() not called", "originals": {},
           "accelerate": "not imported", "stream": "not imported", "case": None}
@@ -59,7 +60,8 @@ def revert() -> None:
     """Restore the original transformers (and accelerate) functions and stop any pending patch."""
     with _lock:
         _state["wanted"] = False
-        for (owner, attr), original in _state["originals"].items():
+        for (owner, attr), (original, aliases) in _state["originals"].items():
+            _rebind(aliases, attr, vars(owner)[attr], original)
             setattr(owner, attr, original)
         _state["originals"] = {}
         _state.update({"class": None, "reason": "reverted", "accelerate": "reverted", "stream": "reverted", "case": None})
@@ -112,11 +114,22 @@ def _select(modeling_utils, version: str):
     return patches, f"newer than {versions.NEWEST_TESTED}" if newer else "HF_FSDP_LOADFIX_FORCE=1"
 
 
-def _wrap(owner, attr, wrapper) -> None:
+def _wrap(owner, attr, wrapper, aliases=()) -> None:
+    """Wrap ``owner.attr``, and the modules named in ``aliases`` that already imported it by name (accelerate
+    imported before the package); those imported later bind the wrapper itself."""
     import wrapt
 
-    _state["originals"][(owner, attr)] = vars(owner)[attr]
+    original = vars(owner)[attr]
+    _state["originals"][(owner, attr)] = (original, aliases)
     wrapt.wrap_function_wrapper(owner, attr, wrapper)
+    _rebind(aliases, attr, original, vars(owner)[attr])
+
+
+def _rebind(aliases, attr, old, new) -> None:
+    for name in aliases:
+        module = sys.modules.get(name)
+        if module is not None and vars(module).get(attr) is old:
+            setattr(module, attr, new)
 
 
 def _on_import(modeling_utils) -> None:
@@ -163,9 +176,9 @@ def _on_accelerate_import(fsdp_utils) -> None:
         # streaming replaces the load that the #3898 fix wraps: only where that fix applies
         stream_why = _stream.mismatch(fsdp_utils) if why is None else f"not applied: the accelerate fix is {why}"
         if why is None:
-            _wrap(fsdp_utils, _accelerate.TARGET, _accelerate.load_full_state_dict)
+            _wrap(fsdp_utils, _accelerate.TARGET, _accelerate.load_full_state_dict, _ACCELERATE_ALIASES)
         if stream_why is None:
-            _wrap(fsdp_utils, _stream.PREPARE, _stream.prepare_model)
+            _wrap(fsdp_utils, _stream.PREPARE, _stream.prepare_model, _ACCELERATE_ALIASES)
         _state["accelerate"], _state["stream"] = why or "applied", stream_why or "applied"
 
 apply()

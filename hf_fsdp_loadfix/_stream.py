@@ -62,13 +62,10 @@ def mismatch(fsdp_utils) -> str | None:
     """None when accelerate's ``fsdp2_prepare_model`` upcasts before capturing the state dict and its
     ``fsdp2_load_full_state_dict`` is the one this module replaces, else why it is not streamed."""
     import accelerate
-    from torch.distributed.tensor import distribute_tensor
 
     prepare, load = getattr(fsdp_utils, PREPARE, None), getattr(fsdp_utils, LOAD, None)
     if not (callable(prepare) and callable(load)):
         return f"not needed: accelerate {accelerate.__version__} has no {PREPARE}/{LOAD}"
-    if "src_data_rank" not in inspect.signature(distribute_tensor).parameters:
-        return f"not applied: torch {torch.__version__}'s distribute_tensor cannot slice locally (no src_data_rank)"
     try:
         prepare_tree, load_tree = _tree(prepare), _tree(load)
     except (OSError, TypeError, SyntaxError):
@@ -183,6 +180,7 @@ def load(stream, accelerator, model, cpu_offload=False):
             else:
                 full = torch.empty(shape, dtype=dtype, device=mesh.device_type)
             dist.broadcast(full, src=0, group=dist.group.WORLD)
+            # src_data_rank=None (torch >= 2.6, as accelerate's FSDP2 requires): slice locally, no scatter
             shard = distribute_tensor(full, mesh, target.placements, src_data_rank=None).to(target.dtype)
             if shard.to_local().untyped_storage().data_ptr() == full.untyped_storage().data_ptr():
                 shard = shard.clone()  # a view would keep the whole tensor alive

@@ -143,3 +143,35 @@ def test_accelerate_stream_status_and_switch():
     assert py_json(code, env={"HF_FSDP_LOADFIX_STREAM": "0"})[1]["stream"] is False
     off = py_json(code, env={"HF_FSDP_LOADFIX_ACCELERATE": "0"})
     assert "disabled" in off[0] and off[2] is False
+
+
+def test_accelerate_imported_before_the_package_is_patched_where_accelerator_calls_it():
+    """accelerate.accelerator and accelerate.utils import fsdp2_prepare_model / fsdp2_load_full_state_dict by name:
+    a package applied after accelerate was imported (``import hf_fsdp_loadfix`` in a script, no startup hook) must
+    reach those bindings too, and revert() must undo them."""
+    from test_gate import py_json
+
+    out = py_json("""
+        import accelerate.accelerator as aa, accelerate.utils as au, accelerate.utils.fsdp_utils as fu
+        import hf_fsdp_loadfix
+        names = ("fsdp2_prepare_model", "fsdp2_load_full_state_dict")
+        def bindings():  # (module, name) -> the binding is fsdp_utils' wrapped function
+            return {f"{m.__name__}.{n}": getattr(m, n) is vars(fu)[n] and isinstance(getattr(m, n), wrapt.FunctionWrapper)
+                    for m in (aa, au, fu) for n in names if hasattr(m, n)}
+        before = bindings()
+        hf_fsdp_loadfix.revert()
+        reverted = [k for m in (aa, au, fu) for k in names if isinstance(getattr(m, k, None), wrapt.FunctionWrapper)]
+        hf_fsdp_loadfix.apply()
+        print(json.dumps([before, reverted, bindings(), hf_fsdp_loadfix.status()["accelerate_stream"]]))
+    """)
+    import accelerate.utils.fsdp_utils as fu
+
+    from hf_fsdp_loadfix import _accelerate, _stream
+
+    if _accelerate.mismatch(fu):
+        pytest.skip(f"the accelerate fix does not apply: {_accelerate.mismatch(fu)}")
+    streamed = _stream.mismatch(fu) is None
+    before, reverted, after, stream = out
+    assert "accelerate.accelerator.fsdp2_prepare_model" in before
+    assert before == after == {k: streamed or k.endswith("load_full_state_dict") for k in before}, before
+    assert reverted == [] and (stream == "applied") == streamed
