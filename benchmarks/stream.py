@@ -2,14 +2,14 @@
 model size, with and without streaming (HF_FSDP_LOADFIX_STREAM), on the installed transformers and accelerate.
 
     pip install matplotlib                     # for the plot
-    python benchmarks/stream.py [--sizes 0.1 0.25 0.5 1 2] [--nproc 2]
+    python benchmarks/stream.py [--sizes 0.1 0.25 0.5 1 2] [--nproc 2] [--repeat 3]
 
 The checkpoints are sweep.py's (bf16 Llamas built locally once, cached under <tmp>/hf_fsdp_loadfix_bench), loaded
 in their own dtype. Each rank (``python -m hf_fsdp_loadfix._worker --shard accelerate --prepare-only``, gloo, CPU)
 runs from_pretrained then fsdp2_prepare_model with cpu_ram_efficient_loading; per rank: peak anonymous RSS over both
 (sampled from /proc every 0.5 ms), the prepare time, and the bytes sent with dist.broadcast. Three runs per size:
 mixed precision bf16 with streaming off (accelerate as it is) and on, and no mixed precision (accelerate as it is:
-the time reference). Targets: rank 0's peak <= its own fp32 shard + 2 x the largest fp32 tensor + 64 MB; prepare
+the time reference), each --repeat times (the highest peak and the shortest time count). Targets: rank 0's peak <= its own fp32 shard + 2 x the largest fp32 tensor + 64 MB; prepare
 time with mixed precision <= 1.5 x without it. Writes benchmarks/results/stream-<accelerate>.{json,md,png}.
 """
 
@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 
-from sweep import RESULTS, SIZES, checkpoint
+from sweep import checkpoint, common_args, save
 
 from hf_fsdp_loadfix._worker import launch
 
@@ -38,17 +38,23 @@ def measure(args, versions):
     for size in args.sizes:
         ckpt, params = checkpoint(size, args.dir)
         target_mb = (4 * params / args.nproc + 2 * 4 * largest_numel(ckpt)) / 2**20 + 64
-        for run, (mixed, stream) in RUNS.items():
-            outputs, results = launch(["-m", "hf_fsdp_loadfix._worker", "--ckpt", ckpt, "--shard", "accelerate",
-                                       "--mixed-precision", mixed, "--prepare-only"], tempfile.mkdtemp(),
-                                      nproc=args.nproc, timeout=3600, env={"HF_FSDP_LOADFIX_STREAM": stream})
-            if any(rc for rc, _ in outputs):
-                sys.exit(next(text for rc, text in outputs if rc)[-3000:])
+        repeats = {run: [] for run in RUNS}
+        for _ in range(args.repeat):  # interleaved, so that load on the machine hits every run alike
+            for run, (mixed, stream) in RUNS.items():
+                outputs, results = launch(["-m", "hf_fsdp_loadfix._worker", "--ckpt", ckpt, "--shard", "accelerate",
+                                           "--mixed-precision", mixed, "--prepare-only"], tempfile.mkdtemp(),
+                                          nproc=args.nproc, timeout=3600, env={"HF_FSDP_LOADFIX_STREAM": stream})
+                if any(rc for rc, _ in outputs):
+                    sys.exit(next(text for rc, text in outputs if rc)[-3000:])
+                repeats[run].append(results)
+        for run, (_, stream) in RUNS.items():
+            ranks = list(zip(*repeats[run]))  # per rank, its result in each repeat
             rows.append({**versions, "params": params, "nproc": args.nproc, "run": run, "target_rank0_mb": target_mb,
-                         "stream": results[0]["status"]["accelerate_stream"] if stream == "1" else "off",
-                         "peak_mb": [round(r["rss_peak_total_delta_kb"] / 1024, 1) for r in results],
-                         "prepare_s": [round(r["prepare_s"], 2) for r in results],
-                         "broadcast_mb": [round(r["bytes_broadcast"] / 2**20, 1) for r in results]})
+                         "repeat": args.repeat,
+                         "stream": ranks[0][0]["status"]["accelerate_stream"] if stream == "1" else "off",
+                         "peak_mb": [round(max(r["rss_peak_total_delta_kb"] for r in rs) / 1024, 1) for rs in ranks],
+                         "prepare_s": [round(min(r["prepare_s"] for r in rs), 2) for rs in ranks],
+                         "broadcast_mb": [round(rs[0]["bytes_broadcast"] / 2**20, 1) for rs in ranks]})
             print(rows[-1], flush=True)
     return rows
 
@@ -60,7 +66,8 @@ def markdown(rows):
              f"{v['nproc']} CPU gloo ranks, bf16 safetensors Llamas built locally, loaded as bf16, then accelerate's "
              "fsdp2_prepare_model with cpu_ram_efficient_loading; `python benchmarks/stream.py`. Peak anonymous RSS "
              "above each rank's baseline over from_pretrained + prepare; broadcast = MB each rank received through "
-             "dist.broadcast. Cells: accelerate as it is / streamed; time reference: no mixed precision.", "",
+             "dist.broadcast. Cells: accelerate as it is / streamed; time reference: no mixed precision (accelerate as it is). "
+             f"Highest peak and shortest time of {v['repeat']} runs each.", "",
              "| params | rank 0 peak MB | rank 0 target MB | rank 1 peak MB | prepare s | prepare s, no mixed "
              "precision | ratio to no mixed precision | broadcast MB |", "|---|---|---|---|---|---|---|---|"]
     by = {(r["params"], r["run"]): r for r in rows}
@@ -73,8 +80,11 @@ def markdown(rows):
                      f"{st['target_rank0_mb']:.0f} | {up['peak_mb'][1]:.0f} / {st['peak_mb'][1]:.0f} | "
                      f"{max(up['prepare_s']):.2f} / {max(st['prepare_s']):.2f} | {max(ref['prepare_s']):.2f} | "
                      f"{ratio[0]:.1f}x / {ratio[1]:.1f}x | {up['broadcast_mb'][1]:.0f} / {st['broadcast_mb'][1]:.0f} |")
-    lines += ["", f"Streaming: {rows[1]['stream']}. Targets (rank 0 within its target, streamed prepare within 1.5x "
-              f"the time without mixed precision) met at {sum(met)} of {len(met)} sizes."]
+    if rows[1]["stream"] != "applied":
+        lines += ["", f"Streaming: {rows[1]['stream']}. Both cells show accelerate as it is."]
+    else:
+        lines += ["", f"Targets (rank 0 within its target, streamed prepare within 1.5x the time without mixed "
+                  f"precision) met at {sum(met)} of {len(met)} sizes."]
     return "\n".join(lines) + "\n"
 
 
@@ -112,11 +122,9 @@ def plot(rows, path):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--sizes", type=float, nargs="+", default=list(SIZES), choices=list(SIZES))
+    common_args(p)
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "hf_fsdp_loadfix_bench"))
-    p.add_argument("--out", default=RESULTS)
-    p.add_argument("--from-json", help="only rewrite the table and plot from an earlier run's JSON")
+    p.add_argument("--repeat", type=int, default=3, help="runs per cell: the highest peak, the shortest time")
     args = p.parse_args()
 
     if args.from_json:
@@ -128,15 +136,8 @@ def main():
 
         rows = measure(args, {"accelerate": accelerate.__version__, "transformers": transformers.__version__,
                               "torch": torch.__version__})
-    stem = os.path.join(args.out, f"stream-{rows[0]['accelerate']}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(rows))
-    plot(rows, stem + ".png")
-    print(open(stem + ".md").read())
-
+    save(os.path.join(args.out, f"stream-{rows[0]['accelerate']}"), rows, markdown(rows),
+         lambda path: plot(rows, path))
 
 if __name__ == "__main__":
     main()

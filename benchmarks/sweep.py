@@ -137,12 +137,9 @@ def plot(rows, version, cls, path):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--sizes", type=float, nargs="+", default=list(SIZES), choices=list(SIZES))
+    common_args(p)
     p.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
     p.add_argument("--budget-gb", type=float, default=20)
-    p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "hf_fsdp_loadfix_bench"))
-    p.add_argument("--out", default=RESULTS)
-    p.add_argument("--from-json", help="only rewrite the table and plot from an earlier run's JSON")
     args = p.parse_args()
 
     if args.from_json:
@@ -154,14 +151,27 @@ def main():
         version = transformers.__version__
         rows = sweep(args, version)
     cls = (versions.class_for(version) or "unsupported").upper()
-    stem = os.path.join(args.out, f"sweep-{version}")
-    os.makedirs(args.out, exist_ok=True)
+    save(os.path.join(args.out, f"sweep-{version}"), rows, markdown(rows, version, cls),
+         lambda path: plot(rows, version, cls, path))
+
+
+def common_args(p):
+    """The options sweep.py and stream.py share."""
+    p.add_argument("--sizes", type=float, nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "hf_fsdp_loadfix_bench"))
+    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--from-json", help="only rewrite the table and plot from an earlier run's JSON")
+
+
+def save(stem, rows, text, plot_to):
+    """<stem>.json, <stem>.md and <stem>.png (``plot_to(path)``); print the table."""
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
     with open(stem + ".json", "w") as f:
         json.dump(rows, f, indent=1)
     with open(stem + ".md", "w") as f:
-        f.write(markdown(rows, version, cls))
-    plot(rows, version, cls, stem + ".png")
-    print(open(stem + ".md").read())
+        f.write(text)
+    plot_to(stem + ".png")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def _static_skip(accelerator, model) -> bool:
 
     plugin = accelerator.state.fsdp_plugin
     inner = getattr(model, "_orig_mod", model)
-    return (not plugin.cpu_ram_efficient_loading or plugin.ignored_modules is not None
+    return (not plugin.cpu_ram_efficient_loading or getattr(plugin, "ignored_modules", None) is not None
             or isinstance(model, FSDPModule) or isinstance(inner, FSDPModule)
             or any(p.__class__.__name__ == "Params4bit" or isinstance(p, DTensor) for p in model.parameters()))
 
@@ -115,8 +115,9 @@ def _agree(accelerator, model):
     if flag.item():
         found = [None] * dist.get_world_size()
         dist.all_gather_object(found, problems)
-        raise RuntimeError("hf_fsdp_loadfix: the model passed to fsdp2_prepare_model differs between ranks: "
-                           + "; ".join(f"rank {r}: {', '.join(p[:5])}" for r, p in enumerate(found) if p))
+        raise RuntimeError("hf_fsdp_loadfix: the model passed to fsdp2_prepare_model differs between ranks: " + "; ".join(
+            f"rank {r}: {', '.join(p[:5])}{f' and {len(p) - 5} more' if len(p) > 5 else ''}"
+            for r, p in enumerate(found) if p))
     return plan
 
 
