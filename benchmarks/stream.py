@@ -9,8 +9,9 @@ in their own dtype. Each rank (``python -m hf_fsdp_loadfix._worker --shard accel
 runs from_pretrained then fsdp2_prepare_model with cpu_ram_efficient_loading; per rank: peak anonymous RSS over both
 (sampled from /proc every 0.5 ms), the prepare time, and the bytes sent with dist.broadcast. Three runs per size:
 mixed precision bf16 with streaming off (accelerate as it is) and on, and no mixed precision (accelerate as it is:
-the time reference), each --repeat times (the highest peak and the shortest time count). Targets: rank 0's peak <= its own fp32 shard + 2 x the largest fp32 tensor + 64 MB; prepare
-time with mixed precision <= 1.5 x without it. Writes benchmarks/results/stream-<accelerate>.{json,md,png}.
+the time reference), each --repeat times (the highest peak and the shortest time count). Targets: rank 0's peak
+<= its own fp32 shard + 2 x the largest fp32 tensor + 64 MB; prepare time with mixed precision <= 1.5 x without it.
+Writes benchmarks/results/stream-<accelerate>.{json,md,png}.
 """
 
 import argparse
@@ -66,7 +67,8 @@ def markdown(rows):
              f"{v['nproc']} CPU gloo ranks, bf16 safetensors Llamas built locally, loaded as bf16, then accelerate's "
              "fsdp2_prepare_model with cpu_ram_efficient_loading; `python benchmarks/stream.py`. Peak anonymous RSS "
              "above each rank's baseline over from_pretrained + prepare; broadcast = MB each rank received through "
-             "dist.broadcast. Cells: accelerate as it is / streamed; time reference: no mixed precision (accelerate as it is). "
+             "dist.broadcast. Cells: accelerate as it is / streamed; time reference: no mixed precision (accelerate as "
+             "it is). "
              f"Highest peak and shortest time of {v['repeat']} runs each.", "",
              "| params | rank 0 peak MB | rank 0 target MB | rank 1 peak MB | prepare s | prepare s, no mixed "
              "precision | ratio to no mixed precision | broadcast MB |", "|---|---|---|---|---|---|---|---|"]

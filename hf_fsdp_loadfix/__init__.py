@@ -64,7 +64,8 @@ def revert() -> None:
             _rebind(aliases, attr, vars(owner)[attr], original)
             setattr(owner, attr, original)
         _state["originals"] = {}
-        _state.update({"class": None, "reason": "reverted", "accelerate": "reverted", "stream": "reverted", "case": None})
+        _state.update({"class": None, "reason": "reverted", "accelerate": "reverted", "stream": "reverted",
+                       "case": None})
 
 
 def status() -> dict:
@@ -180,5 +181,6 @@ def _on_accelerate_import(fsdp_utils) -> None:
         if stream_why is None:
             _wrap(fsdp_utils, _stream.PREPARE, _stream.prepare_model, _ACCELERATE_ALIASES)
         _state["accelerate"], _state["stream"] = why or "applied", stream_why or "applied"
+
 
 apply()

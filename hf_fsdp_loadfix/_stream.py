@@ -115,9 +115,10 @@ def _agree(accelerator, model):
     if flag.item():
         found = [None] * dist.get_world_size()
         dist.all_gather_object(found, problems)
-        raise RuntimeError("hf_fsdp_loadfix: the model passed to fsdp2_prepare_model differs between ranks: " + "; ".join(
-            f"rank {r}: {', '.join(p[:5])}{f' and {len(p) - 5} more' if len(p) > 5 else ''}"
-            for r, p in enumerate(found) if p))
+        ranks = [f"rank {r}: {', '.join(p[:5])}{f' and {len(p) - 5} more' if len(p) > 5 else ''}"
+                 for r, p in enumerate(found) if p]
+        raise RuntimeError(f"hf_fsdp_loadfix: the model passed to fsdp2_prepare_model differs between ranks: "
+                           f"{'; '.join(ranks)}")
     return plan
 
 

@@ -156,8 +156,9 @@ def test_accelerate_imported_before_the_package_is_patched_where_accelerator_cal
         import hf_fsdp_loadfix
         names = ("fsdp2_prepare_model", "fsdp2_load_full_state_dict")
         def bindings():  # (module, name) -> the binding is fsdp_utils' wrapped function
-            return {f"{m.__name__}.{n}": getattr(m, n) is vars(fu)[n] and isinstance(getattr(m, n), wrapt.FunctionWrapper)
-                    for m in (aa, au, fu) for n in names if hasattr(m, n)}
+            return {f"{m.__name__}.{n}": getattr(m, n) is vars(fu)[n]
+                    and isinstance(getattr(m, n), wrapt.FunctionWrapper) for m in (aa, au, fu) for n in names
+                    if hasattr(m, n)}
         before = bindings()
         hf_fsdp_loadfix.revert()
         reverted = [k for m in (aa, au, fu) for k in names if isinstance(getattr(m, k, None), wrapt.FunctionWrapper)]

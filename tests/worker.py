@@ -53,7 +53,8 @@ def main():
     p.add_argument("--ac", action="store_true", help="accelerate's activation checkpointing before preparing")
     p.add_argument("--ac-offload", action="store_true", help="--ac with activation_checkpointing_offload")
     p.add_argument("--compile", action="store_true", help="torch.compile (eager backend) before preparing")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="accelerate's, with --mode accelerate")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16"],
+                   help="accelerate's, with --mode accelerate")
     p.add_argument("--lora", action="store_true", help="peft LoRA, prepared, 3 SGD steps on one batch: the losses")
     p.add_argument("--out", required=True)
     args = p.parse_args()
