@@ -16,6 +16,7 @@ produces. Only a rank's own shards outlive a step.
 import ast
 import contextvars
 import inspect
+import math
 import textwrap
 
 import torch
@@ -164,34 +165,40 @@ def stream_for(model):
 def load(stream, accelerator, model, cpu_offload=False):
     """accelerate 1.14's ``fsdp2_load_full_state_dict`` (key-based, one broadcast per key from global rank 0, each
     shard cast to the parameter's dtype, contiguous as the parameter is, on CPU under ``cpu_offload``), streamed:
-    each tensor is broadcast once in its loaded dtype, each rank slices its own shard, and a parameter tied to an
-    earlier key (same tensor) is broadcast once."""
+    each tensor is broadcast once in its loaded dtype (received into one reused buffer the size of the largest tensor:
+    no allocation per tensor, so no fragmentation), each rank copies out its own slice as torch's
+    ``_distribute_tensors`` does, and a parameter tied to an earlier key (same tensor) is broadcast once."""
     import torch.distributed as dist
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     targets = model.state_dict(keep_vars=True)  # meta DTensors, named as the state dict names them
+    keys = [k for k in stream.plan if k in targets]  # rank 0's order; plain buffers: the accelerate#3898 fix's
+    device = targets[keys[0]].device_mesh.device_type if keys else "cpu"
+    buffer = torch.empty(max((math.prod(stream.plan[k][1]) * stream.plan[k][0].itemsize for k in keys), default=0),
+                         dtype=torch.uint8, device=device)
     sharded, done = {}, {}
-    for key, (dtype, shape) in stream.plan.items():
-        if key not in targets:  # a plain buffer, loaded by the accelerate#3898 fix
-            continue
+    for key in keys:
         target, value = targets[key], stream.low.pop(key, None)
         if id(target) not in done:
-            mesh = target.device_mesh
-            if accelerator.is_main_process:
-                full = value.to(mesh.device_type).contiguous()
+            dtype, shape = stream.plan[key]
+            if accelerator.is_main_process and value.device.type == device and value.is_contiguous():
+                full = value  # sent as it is (memory-mapped where transformers left it so)
             else:
-                full = torch.empty(shape, dtype=dtype, device=mesh.device_type)
+                full = buffer[:math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                if accelerator.is_main_process:
+                    full.copy_(value)
             dist.broadcast(full, src=0, group=dist.group.WORLD)
-            # src_data_rank=None (torch >= 2.6, as accelerate's FSDP2 requires): slice locally, no scatter
-            shard = distribute_tensor(full, mesh, target.placements, src_data_rank=None).to(target.dtype)
-            if shard.to_local().untyped_storage().data_ptr() == full.untyped_storage().data_ptr():
-                shard = shard.clone()  # a view would keep the whole tensor alive
-            del full
+            local_shape, offset = compute_local_shape_and_global_offset(shape, target.device_mesh, target.placements)
+            local = full[tuple(slice(o, o + n) for n, o in zip(local_shape, offset))].to(target.dtype, copy=True)
             if target.is_contiguous():
-                shard = shard.contiguous()
-            done[id(target)] = shard.to("cpu") if cpu_offload else shard
+                local = local.contiguous()
+            done[id(target)] = DTensor.from_local(local.cpu() if cpu_offload else local, target.device_mesh,
+                                                  target.placements, run_check=False, shape=target.shape,
+                                                  stride=target.stride())
         sharded[key] = done[id(target)]
         del value
     stream.low.clear()
+    del buffer
     model.load_state_dict(sharded, assign=True)
     return model
