@@ -15,7 +15,7 @@ from hf_fsdp_loadfix import _status, versions
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "hf-fsdp-loadfix")
 GATE = ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING", "LOCAL_RANK", "RANK", "WORLD_SIZE")
-CLASS = versions.class_for(transformers.__version__).upper()
+CLASS = (versions.class_for(transformers.__version__) or versions.NEWEST).upper()
 
 
 def cli(*args, env=None, module=False, timeout=120):

@@ -12,11 +12,14 @@ from hf_fsdp_loadfix import versions
 # through native fully_shard + set_model_state_dict(broadcast_from_rank0=True). T5 ties whole modules
 # (shared/encoder/decoder embeddings), which neither accelerate's wrap policy nor set_model_state_dict on
 # torch 2.13 can shard: it is checked up to the end of from_pretrained.
+# DeepSeek-V3 as float32 in both modes: from transformers 5.24 its router gate.weight stays fp32 in a bf16 load
+# (_keep_in_fp32_modules_strict), and FSDP2 without mixed precision refuses two dtypes in one group, upstream too
 CASES = [
     (kind, dtype, "load" if kind == "t5" else mode)
-    for kind in ["llama", "llama_tied", "root_buffer", "t5", "mixtral", "llava", "deepseek_v3"]
+    for kind in ["llama", "llama_tied", "root_buffer", "t5", "mixtral", "llava"]
     for dtype, mode in [("auto", "accelerate"), ("float32", "native")]
-] + [("llama_sharded", "float32", "accelerate"), ("llama_bin", "auto", "native")]
+] + [("deepseek_v3", "float32", "accelerate"), ("deepseek_v3", "float32", "native"),
+     ("llama_sharded", "float32", "accelerate"), ("llama_bin", "auto", "native")]
 
 
 def _run(checkpoints, tmp_path, kind, dtype, mode, **kw):

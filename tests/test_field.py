@@ -50,8 +50,9 @@ def test_accelerate_fix_under_wrappers(checkpoints, tmp_path, setup):
 
         if "activation_checkpointing_offload" not in FullyShardedDataParallelPlugin.__dataclass_fields__:
             pytest.skip("this accelerate has no activation_checkpointing_offload")
+    # float32: see test_contract.CASES (transformers >= 5.24 keeps the router gate fp32 in a bf16 load)
     outputs, results = run_ranks(["--ckpt", checkpoints("deepseek_v3"), "--kind", "deepseek_v3", "--mode", "accelerate",
-                                  f"--{setup}"], tmp_path, timeout=120)
+                                  "--dtype", "float32", f"--{setup}"], tmp_path, timeout=120)
     for rc, text in outputs:
         assert rc == 0, text[-4000:]
     expected = {"ac": ["CheckpointWrapper"], "ac-offload": ["CheckpointWrapper", "OffloadWrapper"],

@@ -13,7 +13,7 @@ import transformers
 
 from hf_fsdp_loadfix import _config, versions
 
-CLASS = versions.class_for(transformers.__version__)
+CLASS = (versions.class_for(transformers.__version__) or versions.NEWEST)
 TARGETS = sorted(importlib.import_module(f"hf_fsdp_loadfix.classes.{CLASS}").PATCHES.targets)
 HEAVY = ["wrapt", "asyncio", "inspect", "importlib.metadata", "packaging", "torch", "transformers", "accelerate"]
 PRELUDE = """
