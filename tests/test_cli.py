@@ -16,6 +16,9 @@ from hf_fsdp_loadfix import _status, versions
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "hf-fsdp-loadfix")
 GATE = ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING", "LOCAL_RANK", "RANK", "WORLD_SIZE")
 CLASS = (versions.class_for(transformers.__version__) or versions.NEWEST).upper()
+# a release newer than the table is patched by structure, with the newest class
+CASE = "tested" if versions.class_for(transformers.__version__) else \
+    f"untested (newer than {versions.NEWEST_TESTED}), structure matches {CLASS}"
 
 
 def cli(*args, env=None, module=False, timeout=120):
@@ -32,7 +35,7 @@ def test_status_text_and_json():
     assert report["transformers"] == transformers.__version__ and report["traps"] == []
     assert report["startup_hook"] and open(report["startup_hook"]).read().rstrip().endswith('__import__("hf_fsdp_loadfix")')
     assert f"patch:           applied ({CLASS})" in text.stdout
-    assert report["case"] == "tested" and "release:         tested" in text.stdout
+    assert report["case"] == CASE and f"release:         {CASE}" in text.stdout
     assert f"transformers {transformers.__version__}" in text.stdout
     assert f"startup hook:    installed: {report['startup_hook']}" in text.stdout
 
