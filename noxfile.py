@@ -19,23 +19,28 @@ TORCH = "2.13.0"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 HUB_4X = ["huggingface-hub<1.0"]  # transformers 4.x predates huggingface-hub 1.0
 
-# one environment per behaviour class (hf_fsdp_loadfix/versions.py): release -> (extra pins, what to run).
-# The whole suite on 4.57.6 (the 4.x patch set) and in `newest` (today 5.23.0, the 5.x patch set); the load path
-# (contract, field setups, fail-together, structure check) on the other classes. C5 runs on torch 2.15
-# (session torch-2.15). `nox -s everything` runs the whole suite on every class.
+# What a session runs: pytest runs, each a list of arguments. A launch of 2 ranks keeps both cores busy; the
+# files that check one fresh interpreter at a time run 2 tests at once (pytest-xdist).
 LOAD_PATH = ["tests/test_contract.py", "tests/test_field.py", "tests/test_fail_together.py",
              "tests/test_gate.py::test_structure_check_tells_4x_from_5x"]
-CLASSES = {"4.56.2": (HUB_4X, LOAD_PATH), "4.57.6": (HUB_4X, []), "5.3.0": ([], LOAD_PATH),
-           "5.5.4": ([], LOAD_PATH), "5.23.0": ([], LOAD_PATH)}
+ONE_INTERPRETER = ["tests/test_gate.py", "tests/test_startup.py", "tests/test_cli.py"]
+WHOLE = [["-n", "2", *ONE_INTERPRETER], [*LOAD_PATH[:-1], "tests/test_beyond.py", "tests/test_stream.py"]]
+# every test that goes through accelerate outside the load path
+ACCELERATE_TESTS = ["-k", "accelerate", "tests/test_gate.py", "tests/test_beyond.py", "tests/test_stream.py"]
+# one environment per behaviour class (hf_fsdp_loadfix/versions.py): release -> (extra pins, pytest runs).
+# The whole suite on 4.57.6 (the 4.x patch set) and 5.23.0 (the 5.x patch set), the load path on the other
+# classes; 5.3.0 and 5.5.4 take accelerate 1.13.0 and 1.14.0, whose fsdp2_load_full_state_dict differs (1.13:
+# cpu_offload argument; 1.14: key-based instead of zip-ordered), and also run every other accelerate test.
+# C5 runs on torch 2.15 (session torch-2.15). `nox -s everything` runs the whole suite on every class.
+CLASSES = {"4.56.2": (HUB_4X, [LOAD_PATH]), "4.57.6": (HUB_4X, WHOLE),
+           "5.3.0": (["accelerate==1.13.0"], [LOAD_PATH, ACCELERATE_TESTS]),
+           "5.5.4": (["accelerate==1.14.0"], [LOAD_PATH, ACCELERATE_TESTS]), "5.23.0": ([], WHOLE)}
 TORCH_NEWEST = ("2.15.0", "5.22.2")  # FSDPParam.reset_sharded_param changed on accelerate's assign=True path
 # opt-in (`nox -s boundaries`): the first release of each class (4.57.0 is yanked, so 4.57.1)
 BOUNDARIES = {"4.53.0": HUB_4X, "4.57.1": HUB_4X, "5.0.0": [], "5.4.0": [], "5.6.0": []}
-# accelerate releases whose fsdp2_load_full_state_dict differs (1.6: first, cuda hard-coded; 1.13: cpu_offload
-# argument; 1.14: key-based instead of zip-ordered), each with a transformers release of its time; they run every
-# test that goes through accelerate
-ACCELERATE = {"1.6.0": ["transformers==4.57.6", *HUB_4X], "1.13.0": ["transformers==5.3.0"],
-              "1.14.0": ["transformers==5.22.2"]}
-ACCELERATE_TESTS = ["-k", "accelerate"]
+# accelerate 1.6, the first release with FSDP2 loading (cuda hard-coded: on CPU only its gating and structure
+# tests run), with a transformers release of its time
+ACCELERATE = {"1.6.0": ["transformers==4.57.6", *HUB_4X]}
 
 
 def _torch_source() -> list[str]:
@@ -51,46 +56,47 @@ def _torch_source() -> list[str]:
     return [arg for link in links for arg in ("--find-links", link)] or ["--index-url", CPU_INDEX]
 
 
-def _run(session, torch: str, *pins: str, tests=()):
+def _run(session, torch: str, *pins: str, runs=WHOLE):
     session.install(torch, *_torch_source())
     session.install(".[test]", *pins, torch)  # torch pinned again: nothing may replace it
     session.run("python", "-c", "import torch, transformers, accelerate; print('torch', torch.__version__, "
                 "'transformers', transformers.__version__, 'accelerate', accelerate.__version__)")
-    session.run("python", "-m", "pytest", "-q", "--durations=10", *tests, *session.posargs)
+    for tests in runs:
+        session.run("python", "-m", "pytest", "-q", "--durations=10", *tests, *session.posargs)
 
 
 @nox.session
 @nox.parametrize("release", list(CLASSES))
 def tests(session, release):
     """One release per behaviour class, torch 2.13.0."""
-    pins, tests = CLASSES[release]
-    _run(session, f"torch=={TORCH}", f"transformers=={release}", *pins, tests=tests)
+    pins, runs = CLASSES[release]
+    _run(session, f"torch=={TORCH}", f"transformers=={release}", *pins, runs=runs)
 
 
 @nox.session
 def newest(session):
-    """The whole suite on the newest torch, transformers, accelerate and peft on the index: CI tries each new
-    upstream release the next time it runs."""
-    _run(session, "torch", "transformers", "accelerate", "peft")
+    """The load path and the rank-0 stream on the newest torch, transformers, accelerate and peft on the index: CI
+    tries each new upstream release the next time it runs."""
+    _run(session, "torch", "transformers", "accelerate", "peft", runs=[[*LOAD_PATH, "tests/test_stream.py"]])
 
 
 @nox.session(name="torch-2.15")
 def torch_2_15(session):
     """The newest torch minor with the C5 release: the load path."""
-    _run(session, f"torch=={TORCH_NEWEST[0]}", f"transformers=={TORCH_NEWEST[1]}", tests=LOAD_PATH)
+    _run(session, f"torch=={TORCH_NEWEST[0]}", f"transformers=={TORCH_NEWEST[1]}", runs=[LOAD_PATH])
 
 
 @nox.session
 @nox.parametrize("release", list(ACCELERATE))
 def accelerate(session, release):
-    """accelerate's fsdp2_load_full_state_dict as it changed over 1.6-1.14, with the accelerate fix."""
-    _run(session, f"torch=={TORCH}", f"accelerate=={release}", *ACCELERATE[release], tests=ACCELERATE_TESTS)
+    """Every test that goes through accelerate, on an accelerate release no class session takes."""
+    _run(session, f"torch=={TORCH}", f"accelerate=={release}", *ACCELERATE[release], runs=[["-k", "accelerate"]])
 
 
 @nox.session
 @nox.parametrize("release", [*CLASSES, TORCH_NEWEST[1]])
 def everything(session, release):
-    """Opt-in: the whole suite on one release per behaviour class, torch 2.13.0."""
+    """Opt-in: the whole suite on one release per behaviour class, torch 2.13.0, with the class session's pins."""
     _run(session, f"torch=={TORCH}", f"transformers=={release}", *CLASSES.get(release, ([],))[0])
 
 

@@ -21,14 +21,7 @@ CASES = [
 ] + [("deepseek_v3", "float32", "accelerate"), ("deepseek_v3", "float32", "native"),
      ("llama_sharded", "float32", "accelerate"), ("llama_bin", "auto", "native")]
 
-
-def _run(checkpoints, tmp_path, kind, dtype, mode, **kw):
-    outputs, results = run_ranks(
-        ["--ckpt", checkpoints(kind), "--kind", kind, "--dtype", dtype, "--mode", mode], tmp_path, **kw
-    )
-    for rc, text in outputs:
-        assert rc == 0, text[-4000:]
-    return results
+FP16_T5 = ("t5", "float16", "load")  # in the native group's launch: test_keep_in_fp32_modules_match_rank0
 
 
 def _runs_on_cpu(kind, mode):
@@ -49,6 +42,7 @@ def grouped_runs(checkpoints, tmp_path_factory):
     def get(accelerate):
         if accelerate not in runs:
             cases = [c for c in CASES if (c[2] == "accelerate") == accelerate and _runs_on_cpu(c[0], c[2])]
+            cases += [] if accelerate else [FP16_T5]
             args = [a for kind, dtype, mode in cases for a in ("--case", kind, dtype, mode, checkpoints(kind))]
             runs[accelerate] = run_ranks(args, tmp_path_factory.mktemp("contract"), timeout=600)
         return runs[accelerate]
@@ -117,8 +111,11 @@ def assert_contract(rank0, rank1, kind, dtype, mode):
     assert rank0["logits_digest"] == rank1["logits_digest"]
 
 
-def test_keep_in_fp32_modules_match_rank0(checkpoints, tmp_path):
-    rank0, rank1 = _run(checkpoints, tmp_path, "t5", "float16", "load")
+def test_keep_in_fp32_modules_match_rank0(grouped_runs):
+    outputs, results = grouped_runs(False)
+    for rc, text in outputs:
+        assert rc == 0, text[-4000:]
+    rank0, rank1 = (r["cases"][":".join(FP16_T5)] for r in results)
     fp32 = {k for k, v in rank0["state"].items() if v["dtype"] == "torch.float32"}
     assert fp32 and all(".wo." in k for k in fp32)  # T5's _keep_in_fp32_modules
     assert {k for k, v in rank1["state"].items() if v["dtype"] == "torch.float32"} == fp32

@@ -39,22 +39,37 @@ def test_alone_second_model_and_lora_accelerate(checkpoints, tmp_path):
     assert rank1["losses"] == losses == runs["upstream"][0]["losses"] == runs["upstream"][1]["losses"]
 
 
-@pytest.mark.parametrize("setup", ["ac", "ac-offload", "compile"])
-def test_accelerate_fix_under_wrappers(checkpoints, tmp_path, setup):
+SETUPS = ["ac", "ac-offload", "compile"]
+
+
+def _has_setup(setup):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return setup != "ac-offload" or "activation_checkpointing_offload" in FullyShardedDataParallelPlugin.__dataclass_fields__
+
+
+@pytest.fixture(scope="module")
+def wrapper_runs(checkpoints, tmp_path_factory):
+    """Every setup this accelerate has, in one launch (process start-up and imports are most of a launch)."""
+    require_accelerate_on_cpu()
+    # float32: see test_contract.CASES (transformers >= 5.24 keeps the router gate fp32 in a bf16 load)
+    ckpt = checkpoints("deepseek_v3")
+    args = [a for setup in SETUPS if _has_setup(setup) for a in ("--case", "deepseek_v3", "float32",
+                                                                     f"accelerate+{setup}", ckpt)]
+    return run_ranks(args, tmp_path_factory.mktemp("wrappers"), timeout=300)
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_accelerate_fix_under_wrappers(wrapper_runs, setup):
     """DeepSeek-V3's persistent e_score_correction_bias through accelerate's real fsdp2_apply_ac (checkpoint_wrapper,
     with offload_wrapper) or torch.compile, then fsdp2_prepare_model: the wrappers change module names, not
     state-dict keys."""
-    require_accelerate_on_cpu()
-    if setup == "ac-offload":
-        from accelerate.utils import FullyShardedDataParallelPlugin
-
-        if "activation_checkpointing_offload" not in FullyShardedDataParallelPlugin.__dataclass_fields__:
-            pytest.skip("this accelerate has no activation_checkpointing_offload")
-    # float32: see test_contract.CASES (transformers >= 5.24 keeps the router gate fp32 in a bf16 load)
-    outputs, results = run_ranks(["--ckpt", checkpoints("deepseek_v3"), "--kind", "deepseek_v3", "--mode", "accelerate",
-                                  "--dtype", "float32", f"--{setup}"], tmp_path, timeout=120)
+    if not _has_setup(setup):
+        pytest.skip("this accelerate has no activation_checkpointing_offload")
+    outputs, results = wrapper_runs
     for rc, text in outputs:
         assert rc == 0, text[-4000:]
+    results = [r["cases"][f"deepseek_v3:float32:accelerate+{setup}"] for r in results]
     expected = {"ac": ["CheckpointWrapper"], "ac-offload": ["CheckpointWrapper", "OffloadWrapper"],
                 "compile": ["OptimizedModule"]}[setup]
     for r in results:

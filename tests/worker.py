@@ -15,7 +15,9 @@ under bf16 mixed precision twice in this process, with HF_FSDP_LOADFIX_STREAM=0 
 :func:`stream_case`).
 
 ``--case KIND DTYPE MODE CKPT`` (repeated) instead of ``--ckpt``: the load, shard and compare steps for each case
-in turn in this one process; the JSON maps ``KIND:DTYPE:MODE`` to what a single-case run writes.
+in turn in this one process; the JSON maps ``KIND:DTYPE:MODE`` to what a single-case run writes. ``MODE`` may name
+field options after a ``+`` (``accelerate+ac-offload``); with ``--errors`` a load that raises is recorded as
+``{"error": ...}`` and the next case runs.
 """
 
 import argparse
@@ -38,6 +40,8 @@ def main():
     p.add_argument("--ckpt")
     p.add_argument("--case", nargs=4, action="append", metavar=("KIND", "DTYPE", "MODE", "CKPT"),
                    help="instead of --ckpt, repeated: several cases in this one process")
+    p.add_argument("--errors", action="store_true",
+                   help="with --case: a case whose from_pretrained raises records the error and the run goes on")
     p.add_argument("--stream-case", nargs=3, action="append", metavar=("NAME", "KIND", "CKPT"),
                    help="instead of --ckpt, repeated: accelerate's prepare with and without streaming, compared")
     p.add_argument("--stream", default="0,1", help="the HF_FSDP_LOADFIX_STREAM values each --stream-case runs with")
@@ -124,14 +128,25 @@ def run_cases(args, rank):
 
     results = {}
     for kind, dtype, mode, ckpt in args.case:
-        case = argparse.Namespace(**{**vars(args), "kind": kind, "dtype": dtype, "mode": mode, "ckpt": ckpt})
+        base, *setups = mode.split("+")  # accelerate+ac: the field option --ac for this case
+        case = argparse.Namespace(**{**vars(args), "kind": kind, "dtype": dtype, "mode": base, "ckpt": ckpt,
+                                     **{setup.replace("-", "_"): True for setup in setups}})
         cls, load_kwargs = load_class(kind), helpers.dtype_kwargs(dtype)
         gc.collect()  # the previous case's models: out of this load's RSS base
         dist.barrier()
-        model, result = load_and_describe(cls, ckpt, load_kwargs, rank)
-        if mode != "load":
+        key = f"{kind}:{dtype}:{mode}"
+        print(f"== case {key}", flush=True)  # what follows in this rank's output is this case's
+        try:
+            model, result = load_and_describe(cls, ckpt, load_kwargs, rank)
+        except Exception as exc:
+            if not args.errors:
+                raise
+            print(f"[{key}] {type(exc).__name__}: {exc}", flush=True)
+            results[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        if base != "load":
             result.update(shard_and_compare(model, case, cls, load_kwargs, rank))
-        results[f"{kind}:{dtype}:{mode}"] = result
+        results[key] = result
         del model
     return results
 
