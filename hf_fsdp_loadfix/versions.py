@@ -11,11 +11,12 @@ TABLE = [
     (">=5.0.0,<5.4.0", "c3", "reads all shards; empty_like + full random init of the whole model"),
     (">=5.4.0,<5.6.0", "c4", "reads all shards; empty_like; root-owned non-persistent buffers garbage"),
     (">=5.6.0,<5.23.0", "c5", "reads all shards; zeros_like: full model committed per rank; root buffers zero"),
-    (">=5.23.0,<5.24.0", "c6", "reads all shards and keeps them; root-owned non-persistent buffers zero"),
+    (">=5.23.0,<5.25.0", "c6", "reads all shards and keeps them; root-owned non-persistent buffers zero"),
 ]
-NEWEST_TESTED = "5.23.x"
+NEWEST_TESTED = "5.24.x"
 SUPPORTED = f"4.53.0 - {NEWEST_TESTED}"
 NEWEST = TABLE[-1][1]
+FIRST_UNTESTED = next(s.version for s in SpecifierSet(TABLE[-1][0]) if s.operator == "<")
 
 
 def class_for(version: str) -> str | None:

@@ -68,12 +68,12 @@ def test_next_minor_release_patched_by_structure(checkpoints, tmp_path):
     contract holds (root-owned non-persistent buffer, persistent plain buffer, accelerate's FSDP2 broadcast)."""
     require_accelerate_on_cpu("root_buffer")
     outputs, (rank0, rank1) = run_ranks(["--ckpt", checkpoints("root_buffer"), "--kind", "root_buffer",
-                                         "--mode", "accelerate", "--relabel", "5.24.0"], tmp_path)
+                                         "--mode", "accelerate", "--relabel", versions.FIRST_UNTESTED], tmp_path)
     for rc, text in outputs:
         assert rc == 0, text[-4000:]
-        assert text.count("transformers 5.24.0 is untested") == 1, text[-4000:]
+        assert text.count(f"transformers {versions.FIRST_UNTESTED} is untested") == 1, text[-4000:]
     for r in (rank0, rank1):
-        assert r["transformers"] == "5.24.0"
+        assert r["transformers"] == versions.FIRST_UNTESTED
         assert r["status"]["case"] == f"untested (newer than {versions.NEWEST_TESTED}), structure matches C6"
     assert_contract(rank0, rank1, "root_buffer", "auto", "accelerate")
 

@@ -45,7 +45,8 @@ SETUPS = ["ac", "ac-offload", "compile"]
 def _has_setup(setup):
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    return setup != "ac-offload" or "activation_checkpointing_offload" in FullyShardedDataParallelPlugin.__dataclass_fields__
+    fields = FullyShardedDataParallelPlugin.__dataclass_fields__
+    return setup != "ac-offload" or "activation_checkpointing_offload" in fields
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from packaging.version import Version
 
 from hf_fsdp_loadfix import versions
 
+NEXT = versions.FIRST_UNTESTED  # the next minor after the table
+
 TARGETS_4 = ["_load_pretrained_model", "_move_missing_keys_from_meta_to_cpu", "_initialize_missing_keys"]
 TARGETS_5 = ["_load_pretrained_model", "_move_missing_keys_from_meta_to_device", "_initialize_missing_keys"]
 IS_4 = transformers.__version__.startswith("4.")
@@ -46,14 +48,14 @@ def py_json(code, env=None):
     "version,expected",
     [("4.52.4", None), ("4.53.0", "c1"), ("4.56.2", "c1"), ("4.57.0", "c2"), ("4.57.6", "c2"), ("5.0.0", "c3"),
      ("5.3.0", "c3"), ("5.4.0", "c4"), ("5.5.4", "c4"), ("5.6.0", "c5"), ("5.22.2", "c5"), ("5.23.0", "c6"),
-     ("5.23.1", "c6"), ("5.24.0", None), ("5.24.0.dev0", None), ("6.0.0", None)],
+     ("5.23.1", "c6"), ("5.24.0", "c6"), (NEXT, None), (f"{NEXT}.dev0", None), ("6.0.0", None)],
 )
 def test_version_table(version, expected):
     assert versions.class_for(version) == expected
 
 
-@pytest.mark.parametrize("version,newer", [("4.52.4", False), ("5.23.1", False), ("5.24.0", True),
-                                           ("5.24.0.dev0", True), ("6.0.0", True)])
+@pytest.mark.parametrize("version,newer", [("4.52.4", False), ("5.24.1", False), (NEXT, True),
+                                           (f"{NEXT}.dev0", True), ("6.0.0", True)])
 def test_newer_than_table(version, newer):
     assert versions.newer_than_table(version) == newer
 
@@ -133,18 +135,18 @@ def test_older_release_refused_with_one_warning():
 def test_next_minor_patched_by_structure_with_one_warning_strict_refuses():
     """The newest tested release labelled as the next minor: patched without FORCE when C6's structure fits, one
     warning naming both releases; refused for structure where it does not (4.x, 5.0.0); STRICT keeps the refusal."""
-    messages, status, wrapped = relabelled("5.24.0")
-    assert len(messages) == 1 and "5.24.0" in messages[0]
+    messages, status, wrapped = relabelled(NEXT)
+    assert len(messages) == 1 and NEXT in messages[0]
     if C6_FITS:
         assert status["applied"] and status["class"] == "C6" and wrapped == sorted(TARGETS_5)
         assert status["case"] == f"untested (newer than {versions.NEWEST_TESTED}), structure matches C6"
-        assert messages[0] == ("hf_fsdp_loadfix: transformers 5.24.0 is untested (newer than "
+        assert messages[0] == (f"hf_fsdp_loadfix: transformers {NEXT} is untested (newer than "
                                f"{versions.NEWEST_TESTED}); patched because its structure matches C6")
     else:
         assert not status["applied"] and wrapped == [] and "does not have the structure of C6" in messages[0]
         assert status["case"] == f"refused: {status['reason']}"
         assert "PreTrainedModel._finalize_model_loading is missing" in status["reason"]
-    messages, status, wrapped = relabelled("5.24.0", env={"HF_FSDP_LOADFIX_STRICT": "1"})
+    messages, status, wrapped = relabelled(NEXT, env={"HF_FSDP_LOADFIX_STRICT": "1"})
     assert len(messages) == 1 and "HF_FSDP_LOADFIX_STRICT=1" in messages[0] and versions.NEWEST_TESTED in messages[0]
     assert not status["applied"] and wrapped == [] and "HF_FSDP_LOADFIX_STRICT=1" in status["case"]
 
@@ -197,7 +199,7 @@ BREAK = """
 def test_broken_structural_element_refused_naming_it():
     """Each element the runtime relies on, broken in turn on the next-minor label (the release's own label where
     C6 does not fit): refused, the reason naming it; restored, patched again."""
-    found, restored = relabelled("5.24.0" if C6_FITS else transformers.__version__, then=BREAK)
+    found, restored = relabelled(NEXT if C6_FITS else transformers.__version__, then=BREAK)
     expected = {
         "is_deepspeed_zero3_enabled": "transformers.modeling_utils.is_deepspeed_zero3_enabled() is missing",
         "load_state_dict": "transformers.modeling_utils.load_state_dict has no parameter map_location",

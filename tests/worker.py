@@ -189,13 +189,15 @@ def load_alone(cls, ckpt, load_kwargs, rank, loader):
     return found
 
 
-def accelerator_like(model, args, rank):
-    """The package's accelerator-like object, wrapping the model's decoder layers, with the field options."""
+def accelerator_like(model, rank, mixed_precision, ac=False, ac_offload=False, **plugin_kwargs):
+    """The package's accelerator-like object, wrapping the model's decoder layers, with activation checkpointing
+    (with offload) and other plugin fields."""
     layers = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Layer")})
-    ac = {"activation_checkpointing": True} if args.ac or args.ac_offload else {}
-    if args.ac_offload:
-        ac["activation_checkpointing_offload"] = True
-    return helpers.accelerator_like(rank, args.mixed_precision, transformer_cls_names_to_wrap=layers, **ac)
+    if ac or ac_offload:
+        plugin_kwargs["activation_checkpointing"] = True
+    if ac_offload:
+        plugin_kwargs["activation_checkpointing_offload"] = True
+    return helpers.accelerator_like(rank, mixed_precision, transformer_cls_names_to_wrap=layers, **plugin_kwargs)
 
 
 def accelerate_prepare(model, args, rank):
@@ -204,7 +206,7 @@ def accelerate_prepare(model, args, rank):
     import torch
     from accelerate.utils import fsdp_utils
 
-    accelerator = accelerator_like(model, args, rank)
+    accelerator = accelerator_like(model, rank, args.mixed_precision, args.ac, args.ac_offload)
     if (args.ac or args.ac_offload) and hasattr(fsdp_utils, "fsdp2_apply_ac"):
         model = fsdp_utils.fsdp2_apply_ac(accelerator, model)
     if args.compile:
@@ -266,12 +268,9 @@ def stream_case(name, kind, ckpt, stream, args, rank):
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     unique = {id(t): t for t in model.state_dict(keep_vars=True).values()}.values()
     loaded_bytes = sum(t.numel() * t.element_size() for t in unique)
-    layers = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Layer")})
-    extra = {"activation_checkpointing": True} if opts.get("ac") else {}
-    if opts.get("cpu_offload"):  # pinned memory needs an accelerator
-        extra["cpu_offload"] = torch.distributed.fsdp.CPUOffloadPolicy(pin_memory=False)
-    accelerator = helpers.accelerator_like(rank, opts.get("mixed_precision", "bf16"),
-                                           transformer_cls_names_to_wrap=layers, **extra)
+    extra = {"cpu_offload": torch.distributed.fsdp.CPUOffloadPolicy(pin_memory=False)} \
+        if opts.get("cpu_offload") else {}  # pinned memory needs an accelerator
+    accelerator = accelerator_like(model, rank, opts.get("mixed_precision", "bf16"), opts.get("ac", False), **extra)
     if opts.get("ac"):
         model = fsdp_utils.fsdp2_apply_ac(accelerator, model)
     with helpers.counted_broadcasts() as sent:
