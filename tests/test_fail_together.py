@@ -39,6 +39,7 @@ def corrupt_runs(checkpoints, tmp_path_factory):
     then the .bin checkpoint. The (key, shard) each corruption touched, the launch's seconds, outputs, results."""
     root = tmp_path_factory.mktemp("corrupt")
     touched = {how: _corrupt(checkpoints("llama_sharded"), str(root / how), how) for how in CORRUPT}
+    # each corruption's name as the case's kind: a label (tests/models.load_class loads any such kind as a causal LM)
     cases = [(how, str(root / how)) for how in CORRUPT] + [("llama_bin", checkpoints("llama_bin"))]
     start = time.monotonic()
     outputs, results = run_ranks([a for kind, ckpt in cases for a in ("--case", kind, "auto", "load", ckpt)] +

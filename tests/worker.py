@@ -141,8 +141,8 @@ def run_cases(args, rank):
         except Exception as exc:
             if not args.errors:
                 raise
-            print(f"[{key}] {type(exc).__name__}: {exc}", flush=True)
             results[key] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"[{key}] {results[key]['error']}", flush=True)
             continue
         if base != "load":
             result.update(shard_and_compare(model, case, cls, load_kwargs, rank))
