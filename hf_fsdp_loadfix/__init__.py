@@ -21,10 +21,11 @@ __all__ = ["apply", "revert", "status"]
 
 _MODULE = "transformers.modeling_utils"
 _ACCELERATE = "accelerate.utils.fsdp_utils"
+_ACCELERATOR = "accelerate.accelerator"
 _ACCELERATE_ALIASES = ("accelerate.utils", "accelerate.accelerator")  # import fsdp_utils' functions by name
 _lock = RLock()
 _state = {"wanted": False, "hook": False, "class": None, "reason": "apply() not called", "originals": {},
-          "accelerate": "not imported", "stream": "not imported", "case": None}
+          "accelerate": "not imported", "stream": "not imported", "prepare": "not imported", "case": None}
 
 
 def apply() -> None:
@@ -32,7 +33,7 @@ def apply() -> None:
     with _lock:
         _state["wanted"] = True
         if _state["hook"]:
-            for name, hook in ((_MODULE, _on_import), (_ACCELERATE, _on_accelerate_import)):
+            for name, hook in _HOOKS:
                 if name in sys.modules:
                     hook(sys.modules[name])
         elif "transformers" in sys.modules or "accelerate" in sys.modules:
@@ -52,8 +53,8 @@ def _register() -> None:
         return
     _state["hook"] = True
     _state["reason"] = f"waiting for {_MODULE} to be imported"
-    wrapt.register_post_import_hook(_on_import, _MODULE)
-    wrapt.register_post_import_hook(_on_accelerate_import, _ACCELERATE)
+    for name, hook in _HOOKS:
+        wrapt.register_post_import_hook(hook, name)
 
 
 def revert() -> None:
@@ -65,7 +66,10 @@ def revert() -> None:
             setattr(owner, attr, original)
         _state["originals"] = {}
         _state.update({"class": None, "reason": "reverted", "accelerate": "reverted", "stream": "reverted",
-                       "case": None})
+                       "prepare": "reverted", "case": None})
+        stream = sys.modules.get(f"{__name__}._stream")
+        if stream is not None:
+            stream.applies = False
 
 
 def status() -> dict:
@@ -163,24 +167,55 @@ def _on_import(modeling_utils) -> None:
                           f"structure matches {patches.name}", RuntimeWarning, stacklevel=2)
 
 
+def _disabled() -> str | None:
+    for name, on in (("HF_FSDP_LOADFIX", _config.enabled), ("HF_FSDP_LOADFIX_ACCELERATE", _config.accelerate_fix)):
+        if not on():
+            return f"disabled by {name}=0"
+    return None
+
+
 def _on_accelerate_import(fsdp_utils) -> None:
+    """The wait for rank 0 around ``fsdp2_prepare_model`` whenever the package is on (the transformers patch leaves
+    meta weights whatever the accelerate switch says); the #3898 fix and the stream unless HF_FSDP_LOADFIX_ACCELERATE=0."""
     from . import _accelerate, _stream
 
     with _lock:
-        if not _state["wanted"] or _state["accelerate"] == "applied":
+        if not _state["wanted"] or (fsdp_utils, _accelerate.PREPARE) in _state["originals"]:
             return
         _config.validate()
-        if not (_config.enabled() and _config.accelerate_fix()):
-            _state["accelerate"] = _state["stream"] = "disabled by HF_FSDP_LOADFIX_ACCELERATE=0 or HF_FSDP_LOADFIX=0"
+        if not _config.enabled():
+            _state["accelerate"] = _state["stream"] = _state["prepare"] = _disabled()
+            return
+        if callable(getattr(fsdp_utils, _accelerate.PREPARE, None)):
+            _wrap(fsdp_utils, _accelerate.PREPARE, _accelerate.prepare_fsdp2, _ACCELERATE_ALIASES)
+        if _disabled():
+            _state["accelerate"] = _state["stream"] = _disabled()
             return
         why = _accelerate.mismatch(fsdp_utils)
         # streaming replaces the load that the #3898 fix wraps: only where that fix applies
         stream_why = _stream.mismatch(fsdp_utils) if why is None else f"not applied: the accelerate fix is {why}"
         if why is None:
             _wrap(fsdp_utils, _accelerate.TARGET, _accelerate.load_full_state_dict, _ACCELERATE_ALIASES)
-        if stream_why is None:
-            _wrap(fsdp_utils, _stream.PREPARE, _stream.prepare_model, _ACCELERATE_ALIASES)
+        _stream.applies = stream_why is None
         _state["accelerate"], _state["stream"] = why or "applied", stream_why or "applied"
 
 
+def _on_accelerator_import(accelerator) -> None:
+    """``Accelerator.prepare_model`` (FSDP1, DDP, no wrapper): the wait for rank 0, and the fill of a model prepared
+    without FSDP."""
+    from . import _accelerate
+
+    with _lock:
+        owner = accelerator.Accelerator
+        if not _state["wanted"] or (owner, "prepare_model") in _state["originals"]:
+            return
+        _config.validate()
+        if not _config.enabled():
+            _state["prepare"] = _disabled()
+            return
+        _wrap(owner, "prepare_model", _accelerate.prepare_model)
+        _state["prepare"] = "applied"
+
+
+_HOOKS = ((_MODULE, _on_import), (_ACCELERATE, _on_accelerate_import), (_ACCELERATOR, _on_accelerator_import))
 apply()

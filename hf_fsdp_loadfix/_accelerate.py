@@ -1,4 +1,12 @@
-"""accelerate 1.6.0-1.15.0 (recognised by structure): ``fsdp2_load_full_state_dict`` assumes every state-dict
+"""accelerate's entry points, wrapped.
+
+Every ``fsdp2_prepare_model`` and ``Accelerator.prepare_model`` of a model loaded under FSDP cpu-ram-efficient
+loading first waits for rank 0 to get there (``_wait``: no collective timeout can fire during rank 0's load). A
+model ``Accelerator.prepare_model`` prepares without FSDP (``Accelerator(cpu=True, fsdp_plugin=...)`` runs DDP with
+the FSDP variables still set) is filled from rank 0 first (``_broadcast.fill_from_rank0``): DDP cannot copy out of
+meta, and a model with no wrapper would keep meta weights.
+
+accelerate 1.6.0-1.15.0 (recognised by structure): ``fsdp2_load_full_state_dict`` assumes every state-dict
 entry is a DTensor, so a persistent plain-tensor buffer (DeepSeek-V3's ``e_score_correction_bias``) crashes it on
 rank 0 with ``'Tensor' object has no attribute 'device_mesh'`` (accelerate#3898). The wrapper broadcasts such
 buffers whole from rank 0 (dtype preserved, sorted by name, before accelerate's own broadcasts on every rank) and
@@ -10,10 +18,11 @@ import textwrap
 
 import torch
 
-from . import _stream
-from ._runtime import _owned_buffers
+from . import _broadcast, _stream, _wait
+from ._runtime import _bind, _owned_buffers
 
 TARGET = "fsdp2_load_full_state_dict"
+PREPARE = _stream.PREPARE
 PARAMS = ("accelerator", "model", "full_sd")  # what the wrapper passes positionally
 
 
@@ -108,3 +117,26 @@ def load_full_state_dict(wrapped, instance, args, kwargs):
                     owner._non_persistent_buffers_set.discard(leaf)
 
     return call(*args, **kwargs)
+
+
+def prepare_fsdp2(wrapped, instance, args, kwargs):
+    """``fsdp2_prepare_model(accelerator, model)``: wait for rank 0, then accelerate's (streamed where that applies)."""
+    model = _bind(wrapped, args, kwargs).arguments["model"]
+    if _broadcast.from_rank0(model):
+        _wait.wait_for_rank0(model)
+    if _stream.applies:
+        return _stream.prepare_model(wrapped, instance, args, kwargs)
+    return wrapped(*args, **kwargs)
+
+
+def prepare_model(wrapped, instance, args, kwargs):
+    """``Accelerator.prepare_model``: FSDP1 (its ``sync_module_states`` broadcast), DDP and no wrapper at all. A model
+    loaded under the FSDP variables waits for rank 0; prepared without FSDP, it is filled from rank 0 first."""
+    from accelerate.utils import DistributedType
+
+    model = _bind(wrapped, args, kwargs).arguments["model"]
+    if _broadcast.from_rank0(model) and not getattr(model, "_is_accelerate_prepared", False):
+        _wait.wait_for_rank0(model)
+        if instance.distributed_type != DistributedType.FSDP:
+            _broadcast.fill_from_rank0(model, instance.device)
+    return wrapped(*args, **kwargs)

@@ -68,7 +68,26 @@ def source() -> str:
     return env_choice("HF_FSDP_LOADFIX_SOURCE", ("local", "global"))
 
 
+WAIT_DEFAULT = 6 * 3600.0
+
+
+def wait_seconds() -> float:
+    """HF_FSDP_LOADFIX_WAIT: how long (seconds) a rank waits for rank 0 to finish loading before the first collective
+    of a prepare (default 6 hours)."""
+    raw = _raw("HF_FSDP_LOADFIX_WAIT")
+    if raw is None:
+        return WAIT_DEFAULT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"hf_fsdp_loadfix: environment variable HF_FSDP_LOADFIX_WAIT={raw!r} is not a positive number "
+                         "of seconds")
+    return value
+
+
 def validate() -> None:
     """Raise on the first junk value among all the package's variables."""
-    for check in (enabled, forced, strict, accelerate_fix, stream, buffers, source):
+    for check in (enabled, forced, strict, accelerate_fix, stream, buffers, source, wait_seconds):
         check()

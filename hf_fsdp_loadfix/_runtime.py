@@ -6,6 +6,7 @@ non-local-rank-0, non-quantized, non-ZeRO-3 FSDP cpu-ram-efficient load is hande
 """
 
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import inspect
@@ -15,6 +16,10 @@ from types import SimpleNamespace
 import torch
 
 from . import _config
+from ._broadcast import FROM_RANK0
+
+NATIVE = "_hf_fsdp_loadfix_native"  # set on a model whose load transformers distributes itself (DTensors at load)
+_as_local_rank_0 = contextvars.ContextVar("hf_fsdp_loadfix_as_local_rank_0", default=False)
 
 
 def _modeling_utils():
@@ -34,7 +39,10 @@ def is_target(is_quantized: bool) -> bool:
 
 def local_dist_rank_0(wrapped, instance, args, kwargs):
     """Wraps transformers' ``is_local_dist_rank_0``: with HF_FSDP_LOADFIX_SOURCE=global only global rank 0 reads
-    the checkpoint (accelerate broadcasts from it), every other rank on every node takes the non-rank-0 path."""
+    the checkpoint (accelerate broadcasts from it), every other rank on every node takes the non-rank-0 path. In a
+    load transformers distributes itself every rank reads its own slices, so every rank finishes it as rank 0 does."""
+    if _as_local_rank_0.get():
+        return True
     dist = torch.distributed
     if _config.source() == "global" and dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
@@ -192,6 +200,43 @@ def sync_non_persistent_buffers(model, mode: str) -> None:
                 buf.copy_(value)
 
 
+def distributed_by_transformers(model, load_config) -> bool:
+    """transformers shards this load itself (``distributed_config``, a tensor-parallel mesh, or parameters that are
+    already DTensors when the loader runs): each rank reads its own slices, as upstream does."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return bool(getattr(model, "_is_distributed_loading_by_transformers", False)
+                or getattr(load_config, "device_mesh", None) is not None
+                or (dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in model.parameters())))
+
+
+@contextlib.contextmanager
+def as_local_rank_0(model):
+    """Around upstream's post-load steps of a load transformers distributes: every rank is its own loader."""
+    token = _as_local_rank_0.set(getattr(model, NATIVE, False))
+    try:
+        yield
+    finally:
+        _as_local_rank_0.reset(token)
+
+
+def _meta_guard(module, args):
+    """Forward pre-hook on a non-rank-0 model whose weights are on meta: one clear error instead of a meta-tensor
+    crash inside torch. Removes itself once the weights are real (filled by FSDP, DDP or the package)."""
+    if any(p.device.type == "meta" for p in module.parameters()):
+        raise RuntimeError(
+            "hf_fsdp_loadfix: this model was loaded under FSDP cpu-ram-efficient loading (ACCELERATE_USE_FSDP and "
+            "FSDP_CPU_RAM_EFFICIENT_LOADING set) on a process other than local rank 0, so its weights are on meta "
+            "until they are broadcast from rank 0. Prepare it first (accelerator.prepare(model), accelerate's "
+            "fsdp2_prepare_model, or fully_shard + set_model_state_dict(broadcast_from_rank0=True)), or load it "
+            "with FSDP_CPU_RAM_EFFICIENT_LOADING=false (or HF_FSDP_LOADFIX=0) where every rank needs the weights "
+            "before that.")
+    module._hf_fsdp_loadfix_guard.remove()
+
+
+def guard_meta_forward(model) -> None:
+    model._hf_fsdp_loadfix_guard = model.register_forward_pre_hook(_meta_guard)
+
+
 def meta_state_dict(state_dict, checkpoint_files, weights_only: bool):
     """Keys, shapes and dtypes of the checkpoint as meta tensors: safetensors headers or a meta ``torch.load``,
     never tensor data."""
@@ -209,8 +254,10 @@ def meta_state_dict(state_dict, checkpoint_files, weights_only: bool):
 
 def move_missing_keys(wrapped, instance, args, kwargs):
     """``_move_missing_keys_from_meta_to_cpu`` (4.x) / ``_move_missing_keys_from_meta_to_device`` (5.x)."""
-    if not is_target(_bind(wrapped, args, kwargs).arguments["hf_quantizer"] is not None):
-        return wrapped(*args, **kwargs)
+    quantized = _bind(wrapped, args, kwargs).arguments["hf_quantizer"] is not None
+    if getattr(instance, NATIVE, False) or not is_target(quantized):
+        with as_local_rank_0(instance):
+            return wrapped(*args, **kwargs)
     keep_state_dict_on_meta(instance)
     place_non_persistent_buffers(instance)
     return None
@@ -219,15 +266,17 @@ def move_missing_keys(wrapped, instance, args, kwargs):
 def initialize_missing_keys(wrapped, instance, args, kwargs):
     """``_initialize_missing_keys`` (every class; 4.x and 5.x signatures differ, ``is_quantized`` is common)."""
     is_quantized = _bind(wrapped, args, kwargs).arguments["is_quantized"]
-    target = is_target(is_quantized)
+    target = not getattr(instance, NATIVE, False) and is_target(is_quantized)
     if target:
         result = init_non_persistent_buffers(instance)
     else:
-        result = wrapped(*args, **kwargs)
+        with as_local_rank_0(instance):
+            result = wrapped(*args, **kwargs)
     if is_fsdp_load(is_quantized):
         sync_non_persistent_buffers(instance, _config.buffers())
     if target:
         verify_contract(instance)  # after the collective above, so that a raise here cannot hang the others
+        guard_meta_forward(instance)
     return result
 
 
@@ -237,7 +286,7 @@ def load_pretrained_model(wrapped, instance, args, kwargs):
 
     5.x non-rank-0: then hand upstream a meta state dict so no checkpoint data is read, cast or kept, while key
     renaming, expert fusion, dtype plans and the loading report run exactly as on rank 0. (4.x non-rank-0
-    already reads shards on meta.)
+    already reads shards on meta.) A load transformers distributes itself is upstream's on every rank.
     """
     bound = _bind(wrapped, args, kwargs)
     bound.apply_defaults()
@@ -248,16 +297,21 @@ def load_pretrained_model(wrapped, instance, args, kwargs):
         sharded_metadata=arg["sharded_metadata"],
         ignore_mismatched_sizes=arg["ignore_mismatched_sizes"],
     )
+    model = arg["model"]
     if not is_fsdp_load(options.is_quantized):
+        return wrapped(*args, **kwargs)
+    if distributed_by_transformers(model, load_config):
+        setattr(model, NATIVE, True)  # upstream reads each rank's slices; its post-load steps run as on rank 0
         return wrapped(*args, **kwargs)
     from ._checkpoint import check_checkpoint
 
     check_checkpoint(
-        arg["model"],
+        model,
         arg["checkpoint_files"] or [],
         (options.sharded_metadata or {}).get("weight_map"),
         compare_shapes=load_config is None and not options.ignore_mismatched_sizes,
     )
+    setattr(model, FROM_RANK0, True)  # on every rank: accelerate's prepare waits for rank 0, fills a non-FSDP model
     if load_config is None or not is_target(load_config.is_quantized):
         return wrapped(*args, **kwargs)
     arg["state_dict"] = meta_state_dict(arg["state_dict"], arg["checkpoint_files"], load_config.weights_only)

@@ -39,9 +39,23 @@ def traps() -> list[str]:
     if efficient and use_fsdp and local is None and not global_source:
         found.append("LOCAL_RANK is not set: transformers treats every process, global rank 0 included, as "
                      "non-local-rank-0, so no process loads the weights (launch with torchrun or accelerate launch)")
+    accelerate = _accelerate_type()
+    if efficient and use_fsdp and accelerate not in (None, "FSDP"):
+        found.append(f"accelerate runs {accelerate}, not FSDP, but ACCELERATE_USE_FSDP and FSDP_CPU_RAM_EFFICIENT_LOADING "
+                     "are set: a from_pretrained off local rank 0 leaves the weights on meta. accelerator.prepare(model) "
+                     "fills them from rank 0; a model used before that raises. Unset the variables (or "
+                     "FSDP_CPU_RAM_EFFICIENT_LOADING=false) when not training with FSDP")
     if local is not None and not local.strip().lstrip("-").isdigit():
         found.append(f"LOCAL_RANK={local!r} is not an integer: transformers raises ValueError in from_pretrained")
     return found
+
+
+def _accelerate_type() -> str | None:
+    """accelerate's distributed type once an ``Accelerator`` exists in this process (``Accelerator(cpu=True,
+    fsdp_plugin=...)`` runs DDP, MULTI_CPU), else None."""
+    state = sys.modules.get("accelerate.state")
+    kind = getattr(state, "AcceleratorState", None) and state.AcceleratorState._shared_state.get("distributed_type")
+    return getattr(kind, "name", None) or (str(kind) if kind else None)
 
 
 def _process_role(found: list[str]) -> str:
@@ -93,6 +107,7 @@ def report(state: dict) -> dict:
         "reason": env_error or (state["reason"] if version else "transformers is not installed"),
         "accelerate_fix": state["accelerate"] if _installed("accelerate") else "not installed",
         "accelerate_stream": state["stream"] if _installed("accelerate") else "not installed",
+        "accelerate_prepare": state["prepare"] if _installed("accelerate") else "not installed",
         "options": options,
         "startup_hook": startup_hook(),
         "process": _process_role(found),

@@ -21,7 +21,7 @@ import textwrap
 
 import torch
 
-from . import _config
+from . import _broadcast, _config
 
 PREPARE = "fsdp2_prepare_model"
 LOAD = "fsdp2_load_full_state_dict"
@@ -32,6 +32,7 @@ LOAD_CALLS = {"KeyError", "_cast_and_contiguous", "_infer_parameter_dtype", "bro
               "is_contiguous", "isinstance", "items", "len", "load_state_dict", "rsplit", "size", "state_dict", "to",
               "to_local"}
 _active = contextvars.ContextVar("hf_fsdp_loadfix_stream", default=None)
+applies = False  # set where this accelerate's structure is the one streamed (``mismatch`` is None)
 
 
 def _tree(fn):
@@ -100,29 +101,6 @@ def _static_skip(accelerator, model) -> bool:
             or any(p.__class__.__name__ == "Params4bit" or isinstance(p, DTensor) for p in model.parameters()))
 
 
-def _agree(accelerator, model):
-    """Rank 0's state-dict layout, broadcast to every rank; the same error on every rank if the models differ."""
-    import torch.distributed as dist
-
-    local = {k: (v.dtype, tuple(v.shape)) for k, v in model.state_dict(keep_vars=True).items()}
-    box = [local if accelerator.is_main_process else None]
-    dist.broadcast_object_list(box, src=0, group=dist.group.WORLD, device=accelerator.device)
-    plan = box[0]
-    problems = [f"{k} missing" for k in plan if k not in local] + [f"{k} not on rank 0" for k in local if k not in plan]
-    problems += [f"{k} shape {list(local[k][1])} (rank 0: {list(v[1])})" for k, v in plan.items()
-                 if k in local and local[k][1] != v[1]]
-    flag = torch.tensor([len(problems)], device=accelerator.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
-        found = [None] * dist.get_world_size()
-        dist.all_gather_object(found, problems)
-        ranks = [f"rank {r}: {', '.join(p[:5])}{f' and {len(p) - 5} more' if len(p) > 5 else ''}"
-                 for r, p in enumerate(found) if p]
-        raise RuntimeError(f"hf_fsdp_loadfix: the model passed to fsdp2_prepare_model differs between ranks: "
-                           f"{'; '.join(ranks)}")
-    return plan
-
-
 def _params_to_meta(model) -> None:
     """What accelerate's ``model.to("meta")`` does to real parameters (a new ``Parameter`` on meta, same
     ``requires_grad``), done early and keeping shared parameters shared."""
@@ -136,13 +114,13 @@ def _params_to_meta(model) -> None:
 
 
 def prepare_model(wrapped, instance, args, kwargs):
-    """Wraps ``fsdp2_prepare_model``: rank 0's parameters go to meta before accelerate sees them (their loaded
+    """Inside the ``fsdp2_prepare_model`` wrapper (``_accelerate.prepare_fsdp2``): rank 0's parameters go to meta before accelerate sees them (their loaded
     tensors are kept aside for the streaming load below), on every rank."""
 
     def call(accelerator, model, *rest, **kw):
         if not _config.stream() or _static_skip(accelerator, model):
             return wrapped(accelerator, model, *rest, **kw)
-        plan = _agree(accelerator, model)
+        plan = _broadcast.agree(model, accelerator.device, upcast=accelerator.mixed_precision != "no")
         low = {}
         if accelerator.is_main_process:
             low = {k: v.detach() for k, v in model.state_dict().items()}

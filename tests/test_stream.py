@@ -85,7 +85,7 @@ def test_accelerate_stream_models_that_differ_between_ranks_fail_together(checkp
     outputs, _ = run_ranks(["--stream-case", "nomp", "llama", checkpoints("llama"), "--ckpt-other", other,
                             "--stream", "1"], tmp_path, timeout=120)
     for rc, text in outputs:
-        assert rc != 0 and "the model passed to fsdp2_prepare_model differs between ranks: rank 1: " in text
+        assert rc != 0 and "the model being prepared differs between ranks: rank 1: " in text
         assert "model.embed_tokens.weight shape [131, 64] (rank 0: [128, 64])" in text
 
 
