@@ -24,7 +24,8 @@ HUB_4X = ["huggingface-hub<1.0"]  # transformers 4.x predates huggingface-hub 1.
 LOAD_PATH = ["tests/test_contract.py", "tests/test_field.py", "tests/test_fail_together.py",
              "tests/test_gate.py::test_structure_check_tells_4x_from_5x"]
 ONE_INTERPRETER = ["tests/test_gate.py", "tests/test_startup.py", "tests/test_cli.py"]
-WHOLE = [["-n", "2", *ONE_INTERPRETER], [*LOAD_PATH[:-1], "tests/test_beyond.py", "tests/test_stream.py"]]
+OFF_PATH = "tests/test_offpath.py"  # DDP under the FSDP variables, native DistributedConfig, FSDP1/HSDP, long loads
+WHOLE = [["-n", "2", *ONE_INTERPRETER], [*LOAD_PATH[:-1], "tests/test_beyond.py", "tests/test_stream.py", OFF_PATH]]
 # every test that goes through accelerate outside the load path
 ACCELERATE_TESTS = ["-k", "accelerate", "tests/test_gate.py", "tests/test_beyond.py", "tests/test_stream.py"]
 # one environment per behaviour class (hf_fsdp_loadfix/versions.py): release -> (extra pins, pytest runs).
@@ -79,15 +80,16 @@ def tests(session, release):
 
 @nox.session
 def newest(session):
-    """The load path and the rank-0 stream on the newest torch, transformers, accelerate and peft on the index: CI
+    """The load path, the rank-0 stream and the off-path setups on the newest torch, transformers, accelerate and peft on the index: CI
     tries each new upstream release the next time it runs."""
-    _run(session, "torch", "transformers", "accelerate", "peft", runs=[[*LOAD_PATH, "tests/test_stream.py"]])
+    _run(session, "torch", "transformers", "accelerate", "peft", runs=[[*LOAD_PATH, "tests/test_stream.py", OFF_PATH]])
 
 
 @nox.session(name="torch-2.15")
 def torch_2_15(session):
-    """The newest torch minor with the C5 release: the load path."""
-    _run(session, f"torch=={TORCH_NEWEST[0]}", f"transformers=={TORCH_NEWEST[1]}", runs=[LOAD_PATH])
+    """The newest torch minor with the C5 release: the load path, and transformers' native DistributedConfig load."""
+    _run(session, f"torch=={TORCH_NEWEST[0]}", f"transformers=={TORCH_NEWEST[1]}",
+         runs=[LOAD_PATH, ["-k", "native", OFF_PATH]])
 
 
 @nox.session

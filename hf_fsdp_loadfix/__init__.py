@@ -17,7 +17,7 @@ from . import _config
 # then sys.path is complete, even where the hook ran before the site directory holding wrapt was on it.
 
 __version__ = "0.1.0"
-__all__ = ["apply", "revert", "status"]
+__all__ = ["apply", "revert", "status", "wait_for_rank0"]
 
 _MODULE = "transformers.modeling_utils"
 _ACCELERATE = "accelerate.utils.fsdp_utils"
@@ -78,6 +78,15 @@ def status() -> dict:
 
     with _lock:
         return report(_state)
+
+
+def wait_for_rank0(model=None) -> None:
+    """Call on every rank just before your own first collective after ``from_pretrained`` under FSDP cpu-ram-efficient
+    loading (``set_model_state_dict(..., broadcast_from_rank0=True)``): returns once global rank 0 got there too, with
+    no collective timeout (``HF_FSDP_LOADFIX_WAIT``). accelerate's prepare calls it for you."""
+    from ._wait import wait_for_rank0 as wait
+
+    wait(model)
 
 
 class _Trigger:

@@ -138,11 +138,14 @@ def test_accelerate_stream_status_and_switch():
 
     expected = _stream.mismatch(fu) if _accelerate.mismatch(fu) is None else None
     stream, options, wrapped = py_json(code)
-    assert (stream, wrapped) == (("applied", True) if expected is None else (expected, False))
+    # fsdp2_prepare_model is wrapped wherever the package is on (the wait for rank 0), streamed where it applies
+    assert (stream, wrapped) == ("applied" if expected is None else expected, True)
     assert options["stream"] is True
     assert py_json(code, env={"HF_FSDP_LOADFIX_STREAM": "0"})[1]["stream"] is False
     off = py_json(code, env={"HF_FSDP_LOADFIX_ACCELERATE": "0"})
-    assert "disabled" in off[0] and off[2] is False
+    assert off[0] == "disabled by HF_FSDP_LOADFIX_ACCELERATE=0" and off[2] is True
+    off = py_json(code, env={"HF_FSDP_LOADFIX": "0"})
+    assert off[0] == "disabled by HF_FSDP_LOADFIX=0" and off[2] is False
 
 
 def test_accelerate_imported_before_the_package_is_patched_where_accelerator_calls_it():
