@@ -17,7 +17,7 @@ from . import _config
 # then sys.path is complete, even where the hook ran before the site directory holding wrapt was on it.
 
 __version__ = "0.1.0"
-__all__ = ["apply", "revert", "status", "wait_for_rank0"]
+__all__ = ["apply", "fill_shards", "fsdp_loading", "revert", "status", "wait_for_rank0"]
 
 _MODULE = "transformers.modeling_utils"
 _ACCELERATE = "accelerate.utils.fsdp_utils"
@@ -87,6 +87,49 @@ def wait_for_rank0(model=None) -> None:
     from ._wait import wait_for_rank0 as wait
 
     wait(model)
+
+
+def fill_shards(model) -> None:
+    """After your own ``fully_shard`` of a model loaded for shard-on-read (:func:`fsdp_loading`, or
+    ``HF_FSDP_LOADFIX_SOURCE=sharded`` under the FSDP variables): every rank reads its own slices of the checkpoint
+    into its shards, no collective. Call it before the first forward. Raises naming the reason where the model was
+    left to the default path (then broadcast rank 0's state dict instead)."""
+    from ._sharded import fill
+
+    mesh = next((p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh")), None)
+    fill(model, mesh.device_type if mesh is not None else None)
+
+
+class fsdp_loading:  # noqa: N801 - used as a function: ``with hf_fsdp_loadfix.fsdp_loading(): ...``
+    """``with hf_fsdp_loadfix.fsdp_loading(): model = AutoModel.from_pretrained(...)``: transformers' FSDP
+    cpu-ram-efficient gate (``ACCELERATE_USE_FSDP``, ``FSDP_CPU_RAM_EFFICIENT_LOADING``) and the package's
+    ``HF_FSDP_LOADFIX_SOURCE`` for this block only. ``source``: ``sharded`` (every rank reads its own slices later,
+    :func:`fill_shards`), ``local`` or ``global`` (rank 0 loads; broadcast its state dict after ``fully_shard``)."""
+
+    def __init__(self, source: str = "sharded"):
+        self.values = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
+                       "HF_FSDP_LOADFIX_SOURCE": source}
+
+    def __enter__(self):
+        import os
+
+        self.saved = {k: os.environ.get(k) for k in self.values}
+        os.environ.update(self.values)
+        try:
+            _config.source()  # a junk source raises here, naming the variable
+        except ValueError:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _Trigger:

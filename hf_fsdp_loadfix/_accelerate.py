@@ -18,7 +18,7 @@ import textwrap
 
 import torch
 
-from . import _broadcast, _stream, _wait
+from . import _broadcast, _sharded, _stream, _wait
 from ._runtime import _bind, _owned_buffers
 
 TARGET = "fsdp2_load_full_state_dict"
@@ -92,6 +92,9 @@ def load_full_state_dict(wrapped, instance, args, kwargs):
     def call(accelerator, model, full_sd, *rest, **kw):
         import torch.distributed as dist
 
+        if _sharded.source_of(model)[1] is not None:  # every rank reads its own slices: nothing to broadcast
+            _sharded.fill(model, accelerator.device, *rest, **kw)
+            return model
         plain = _plain_buffers(model)
         for key, owners in plain:
             current = owners[0][0]._buffers[owners[0][1]]
@@ -124,7 +127,7 @@ def prepare_fsdp2(wrapped, instance, args, kwargs):
     model = _bind(wrapped, args, kwargs).arguments["model"]
     if _broadcast.from_rank0(model):
         _wait.wait_for_rank0(model)
-    if _stream.applies:
+    if _stream.applies and _sharded.source_of(model)[1] is None:
         return _stream.prepare_model(wrapped, instance, args, kwargs)
     return wrapped(*args, **kwargs)
 

@@ -64,8 +64,9 @@ def buffers() -> str:
 
 
 def source() -> str:
-    """HF_FSDP_LOADFIX_SOURCE: local (one real copy per node, transformers' default) | global (global rank 0 only)."""
-    return env_choice("HF_FSDP_LOADFIX_SOURCE", ("local", "global"))
+    """HF_FSDP_LOADFIX_SOURCE: local (one real copy per node, transformers' default) | global (global rank 0 only) |
+    sharded (no rank holds the model: every rank reads its own slices of the checkpoint at prepare)."""
+    return env_choice("HF_FSDP_LOADFIX_SOURCE", ("local", "global", "sharded"))
 
 
 WAIT_DEFAULT = 6 * 3600.0

@@ -15,11 +15,12 @@ from types import SimpleNamespace
 
 import torch
 
-from . import _config
+from . import _config, _sharded
 from ._broadcast import FROM_RANK0
 
 NATIVE = "_hf_fsdp_loadfix_native"  # set on a model whose load transformers distributes itself (DTensors at load)
-_as_local_rank_0 = contextvars.ContextVar("hf_fsdp_loadfix_as_local_rank_0", default=False)
+# inside one model's loading steps: what transformers' is_local_dist_rank_0 answers (None: its own answer)
+_role = contextvars.ContextVar("hf_fsdp_loadfix_role", default=None)
 
 
 def _modeling_utils():
@@ -39,10 +40,11 @@ def is_target(is_quantized: bool) -> bool:
 
 def local_dist_rank_0(wrapped, instance, args, kwargs):
     """Wraps transformers' ``is_local_dist_rank_0``: with HF_FSDP_LOADFIX_SOURCE=global only global rank 0 reads
-    the checkpoint (accelerate broadcasts from it), every other rank on every node takes the non-rank-0 path. In a
-    load transformers distributes itself every rank reads its own slices, so every rank finishes it as rank 0 does."""
-    if _as_local_rank_0.get():
-        return True
+    the checkpoint (accelerate broadcasts from it), every other rank on every node takes the non-rank-0 path. Inside
+    a model's loading steps :func:`loader_role` decides: a load transformers distributes itself, every rank reads
+    its own slices and finishes as rank 0 does; a shard-on-read load, every rank takes the non-rank-0 path."""
+    if _role.get() is not None:
+        return _role.get()
     dist = torch.distributed
     if _config.source() == "global" and dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
@@ -210,13 +212,15 @@ def distributed_by_transformers(model, load_config) -> bool:
 
 
 @contextlib.contextmanager
-def as_local_rank_0(model):
-    """Around upstream's post-load steps of a load transformers distributes: every rank is its own loader."""
-    token = _as_local_rank_0.set(getattr(model, NATIVE, False))
+def loader_role(model):
+    """Around upstream's steps of loading ``model``: a load transformers distributes, every rank is its own loader
+    (local rank 0); a shard-on-read load, no rank is (each fills its shards from the files later)."""
+    role = True if getattr(model, NATIVE, False) else False if getattr(model, _sharded.SHARDED, None) else None
+    token = _role.set(role)
     try:
         yield
     finally:
-        _as_local_rank_0.reset(token)
+        _role.reset(token)
 
 
 def _meta_guard(module, args):
@@ -255,8 +259,8 @@ def meta_state_dict(state_dict, checkpoint_files, weights_only: bool):
 def move_missing_keys(wrapped, instance, args, kwargs):
     """``_move_missing_keys_from_meta_to_cpu`` (4.x) / ``_move_missing_keys_from_meta_to_device`` (5.x)."""
     quantized = _bind(wrapped, args, kwargs).arguments["hf_quantizer"] is not None
-    if getattr(instance, NATIVE, False) or not is_target(quantized):
-        with as_local_rank_0(instance):
+    with loader_role(instance):
+        if not is_target(quantized):
             return wrapped(*args, **kwargs)
     keep_state_dict_on_meta(instance)
     place_non_persistent_buffers(instance)
@@ -266,17 +270,15 @@ def move_missing_keys(wrapped, instance, args, kwargs):
 def initialize_missing_keys(wrapped, instance, args, kwargs):
     """``_initialize_missing_keys`` (every class; 4.x and 5.x signatures differ, ``is_quantized`` is common)."""
     is_quantized = _bind(wrapped, args, kwargs).arguments["is_quantized"]
-    target = not getattr(instance, NATIVE, False) and is_target(is_quantized)
-    if target:
-        result = init_non_persistent_buffers(instance)
-    else:
-        with as_local_rank_0(instance):
-            result = wrapped(*args, **kwargs)
+    with loader_role(instance):
+        target = is_target(is_quantized)
+        result = init_non_persistent_buffers(instance) if target else wrapped(*args, **kwargs)
     if is_fsdp_load(is_quantized):
         sync_non_persistent_buffers(instance, _config.buffers())
     if target:
         verify_contract(instance)  # after the collective above, so that a raise here cannot hang the others
         guard_meta_forward(instance)
+        _sharded.record_loaded(instance)
     return result
 
 
@@ -312,9 +314,14 @@ def load_pretrained_model(wrapped, instance, args, kwargs):
         compare_shapes=load_config is None and not options.ignore_mismatched_sizes,
     )
     setattr(model, FROM_RANK0, True)  # on every rank: accelerate's prepare waits for rank 0, fills a non-FSDP model
-    if load_config is None or not is_target(load_config.is_quantized):
-        return wrapped(*args, **kwargs)
+    if _config.source() == "sharded" and arg["state_dict"] is None:
+        _sharded.decide(model, arg["checkpoint_files"], getattr(load_config, "weight_mapping", None),
+                        arg.get("key_mapping"))
+    with loader_role(model):
+        if load_config is None or not is_target(load_config.is_quantized):
+            return wrapped(*args, **kwargs)
     arg["state_dict"] = meta_state_dict(arg["state_dict"], arg["checkpoint_files"], load_config.weights_only)
     # every loaded weight is placed on meta: upstream's conversions then only compute shapes and dtypes
     arg["load_config"] = dataclasses.replace(load_config, device_map={"": "meta"})
-    return wrapped(*bound.args, **bound.kwargs)
+    with loader_role(model):
+        return wrapped(*bound.args, **bound.kwargs)

@@ -113,4 +113,7 @@ def report(state: dict) -> dict:
         "process": _process_role(found),
         "traps": found,
         "checkpoint_check": _checkpoint.last["check"],
+        # HF_FSDP_LOADFIX_SOURCE=sharded: the last fill's keys read sliced / whole and bytes, or why the default path
+        "shard_on_read": (sys.modules.get("hf_fsdp_loadfix._sharded") and
+                          sys.modules["hf_fsdp_loadfix._sharded"].last["shard_on_read"]) or "not used",
     }

@@ -22,6 +22,7 @@ import textwrap
 import torch
 
 from . import _broadcast, _config
+from ._shard import as_target, local_slice
 
 PREPARE = "fsdp2_prepare_model"
 LOAD = "fsdp2_load_full_state_dict"
@@ -140,18 +141,6 @@ def stream_for(model):
     return stream if stream is not None and stream.model is model else None
 
 
-def _local_slice(full, mesh, placements):
-    """This rank's part of ``full`` under ``placements``, a view, with no communication."""
-    try:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    except ImportError:  # a torch that moved the helper: the public API slices alike (torch >= 2.6)
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(full, mesh, placements, src_data_rank=None).to_local()
-    shape, offset = compute_local_shape_and_global_offset(full.shape, mesh, placements)
-    return full[tuple(slice(o, o + n) for n, o in zip(shape, offset))]
-
-
 def load(stream, accelerator, model, cpu_offload=False):
     """accelerate 1.14's ``fsdp2_load_full_state_dict`` (key-based, one broadcast per key from global rank 0, each
     shard cast to the parameter's dtype, contiguous as the parameter is, on CPU under ``cpu_offload``), streamed:
@@ -159,7 +148,6 @@ def load(stream, accelerator, model, cpu_offload=False):
     no allocation per tensor, so no fragmentation), each rank copies out its own slice as torch's
     ``_distribute_tensors`` does, and a parameter tied to an earlier key (same tensor) is broadcast once."""
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
 
     targets = model.state_dict(keep_vars=True)  # meta DTensors, named as the state dict names them
     keys = [k for k in stream.plan if k in targets]  # rank 0's order; plain buffers: the accelerate#3898 fix's
@@ -178,12 +166,7 @@ def load(stream, accelerator, model, cpu_offload=False):
                 if accelerator.is_main_process:
                     full.copy_(value)
             dist.broadcast(full, src=0, group=dist.group.WORLD)
-            local = _local_slice(full, target.device_mesh, target.placements).to(target.dtype, copy=True)
-            if target.is_contiguous():
-                local = local.contiguous()
-            done[id(target)] = DTensor.from_local(local.cpu() if cpu_offload else local, target.device_mesh,
-                                                  target.placements, run_check=False, shape=target.shape,
-                                                  stride=target.stride())
+            done[id(target)] = as_target(local_slice(full, target.device_mesh, target.placements), target, cpu_offload)
         sharded[key] = done[id(target)]
         del value
     stream.low.clear()

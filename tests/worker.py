@@ -44,7 +44,8 @@ def main():
                    help="with --case: a case whose from_pretrained raises records the error and the run goes on")
     p.add_argument("--stream-case", nargs=3, action="append", metavar=("NAME", "KIND", "CKPT"),
                    help="instead of --ckpt, repeated: accelerate's prepare with and without streaming, compared")
-    p.add_argument("--stream", default="0,1", help="the HF_FSDP_LOADFIX_STREAM values each --stream-case runs with")
+    p.add_argument("--stream", default="0,1", help="the values of --vary each --stream-case runs with")
+    p.add_argument("--vary", default="HF_FSDP_LOADFIX_STREAM", help="the variable --stream gives values to")
     p.add_argument("--kind", default="llama")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--mode", default="load", choices=["load", "accelerate", "native"])
@@ -237,7 +238,7 @@ def lora_steps(model, args, rank):
 # --stream-case NAME: what the case changes (mixed precision "no" for nomp, accelerate's cpu_offload for offload,
 # activation checkpointing for ac; frozen: the embeddings and the first layer frozen; lora: peft LoRA on q/v)
 STREAM_CASES = {"ac": {"ac": True}, "tied": {}, "keep_fp32": {}, "frozen": {}, "persistent_buffer": {}, "lora": {},
-                "offload": {"cpu_offload": True}, "nomp": {"mixed_precision": "no"}}
+                "offload": {"cpu_offload": True}, "nomp": {"mixed_precision": "no"}, "fp32": {"dtype": "float32"}}
 
 
 def stream_case(name, kind, ckpt, stream, args, rank):
@@ -254,10 +255,11 @@ def stream_case(name, kind, ckpt, stream, args, rank):
     from peft import LoraConfig, get_peft_model
 
     gc.collect()
-    os.environ["HF_FSDP_LOADFIX_STREAM"] = stream
-    opts = STREAM_CASES[name]
+    os.environ[args.vary] = stream
+    opts = STREAM_CASES.get(name, {})  # any other name: a plain case (the checkpoint's kind is what differs)
     ckpt = args.ckpt_other if args.ckpt_other and rank else ckpt
-    model = load_class(kind).from_pretrained(ckpt, **helpers.dtype_kwargs("bfloat16"))
+    model = load_class(kind).from_pretrained(ckpt, **helpers.dtype_kwargs(opts.get("dtype", "bfloat16")))
+    devices_after_load = sorted({t.device.type for t in model.state_dict().values()})
     if name == "frozen":
         for key, param in model.named_parameters():
             if "embed_tokens" in key or ".layers.0." in key:
@@ -282,7 +284,9 @@ def stream_case(name, kind, ckpt, stream, args, rank):
 
     result = {"shards": shards(), "bytes_broadcast": sent[0], "loaded_bytes": loaded_bytes,
               "buffers": {k: [helpers.digest(v), str(v.dtype)] for k, v in model.named_buffers()},
-              "status": __import__("hf_fsdp_loadfix").status()["accelerate_stream"]}
+              "status": __import__("hf_fsdp_loadfix").status()["accelerate_stream"],
+              "shard_on_read": __import__("hf_fsdp_loadfix").status()["shard_on_read"],
+              "devices_after_load": devices_after_load}
     if name != "lora":
         result.update(helpers.compare_to_checkpoint(helpers.full_state(model), ckpt))
     ids = torch.arange(1, 17).reshape(2, 8) % model.config.vocab_size
