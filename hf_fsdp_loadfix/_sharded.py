@@ -64,7 +64,7 @@ def plan(model, files, weight_mapping=None, key_mapping=None):
     if not files or not all(f.endswith(".safetensors") for f in files):
         return None, ".bin/pickle checkpoint (slices can only be read from safetensors)"
     if key_mapping:
-        return None, "from_pretrained(key_mapping=...) renames keys at load"
+        return None, "transformers renames keys at load (key_mapping, or the model's legacy checkpoint names)"
     try:
         headers = _headers(files)
         fix_key = getattr(model, "_fix_state_dict_key_on_load", None) if weight_mapping is None else None

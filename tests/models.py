@@ -163,6 +163,7 @@ BUILDERS = {
     "llama_sharded": _llama,  # several safetensors shards + index
     "llama_bin": _llama,  # a pickle checkpoint (pytorch_model.bin)
     "llama_tied": lambda: _llama(tie=True),
+    "llama_base": lambda: _llama().model,  # a LlamaModel checkpoint: loaded as a causal LM, lm_head is missing
     "keep_fp32": lambda: keep_fp32_class()(_llama().config),
     "root_buffer": _root_buffer,
     "random_buffer": _random_buffer,

@@ -13,6 +13,7 @@ FSDP_CPU_RAM_EFFICIENT_LOADING):
 - ``late KIND CKPT``: rank 0 starts its load ``--late`` seconds after the others (``--raise``: then fails), then
   accelerate's ``fsdp2_prepare_model``; the process group has a ``--pg-timeout`` of its own.
 - ``dtype KIND CKPT``: rank 1 casts its frozen embeddings to float16 before accelerate's ``fsdp2_prepare_model``.
+- ``fill KIND CKPT``: shard-on-read on torch-native FSDP2 through the public calls (``fsdp_loading``, ``fill_shards``).
 """
 
 import argparse
@@ -205,7 +206,35 @@ def dtype(kind, ckpt, args, rank):
     return {"error": None}
 
 
-SCENARIOS = {"ddp": ddp, "native": native, "fsdp1": fsdp1, "late": late, "dtype": dtype}
+def fill(kind, ckpt, args, rank):
+    """The public shard-on-read call on torch-native FSDP2, with no FSDP variables set: ``fsdp_loading()`` around
+    from_pretrained, ``fully_shard`` per decoder layer and on the root, ``fill_shards``."""
+    from models import load_class
+    from torch.distributed.fsdp import fully_shard
+
+    import hf_fsdp_loadfix
+
+    saved = {k: os.environ.pop(k) for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")}
+    try:
+        with hf_fsdp_loadfix.fsdp_loading():
+            model = load_class(kind).from_pretrained(ckpt, **helpers.dtype_kwargs("float32"))
+        variables_after = sorted(k for k in saved if k in os.environ)
+    finally:
+        os.environ.update(saved)
+    devices = sorted({t.device.type for t in model.state_dict().values()})
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            fully_shard(module)
+    fully_shard(model)
+    hf_fsdp_loadfix.fill_shards(model)
+    return {"devices_after_load": devices, "variables_after": variables_after,
+            "shard_on_read": hf_fsdp_loadfix.status()["shard_on_read"],
+            "logits": helpers.digest(helpers.forward(model)),
+            "logits_plain": helpers.digest(helpers.forward(_plain(load_class(kind), ckpt))),
+            **helpers.compare_to_checkpoint(helpers.full_state(model), ckpt)}
+
+
+SCENARIOS = {"ddp": ddp, "native": native, "fsdp1": fsdp1, "late": late, "dtype": dtype, "fill": fill}
 
 
 def main():

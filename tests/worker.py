@@ -258,6 +258,7 @@ def stream_case(name, kind, ckpt, stream, args, rank):
     os.environ[args.vary] = stream
     opts = STREAM_CASES.get(name, {})  # any other name: a plain case (the checkpoint's kind is what differs)
     ckpt = args.ckpt_other if args.ckpt_other and rank else ckpt
+    torch.manual_seed(0)  # keys missing from the checkpoint: rank 0 initialises them alike in every run
     model = load_class(kind).from_pretrained(ckpt, **helpers.dtype_kwargs(opts.get("dtype", "bfloat16")))
     devices_after_load = sorted({t.device.type for t in model.state_dict().values()})
     if name == "frozen":
@@ -289,7 +290,7 @@ def stream_case(name, kind, ckpt, stream, args, rank):
               "devices_after_load": devices_after_load}
     if name != "lora":
         result.update(helpers.compare_to_checkpoint(helpers.full_state(model), ckpt))
-    ids = torch.arange(1, 17).reshape(2, 8) % model.config.vocab_size
+    ids = torch.arange(1, 17).reshape(2, 8) % model.config.get_text_config().vocab_size
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     # no KV cache in training: activation checkpointing's recompute would append to it again (upstream's error,
     # "Recomputed values ... have different metadata", with or without the package)

@@ -1,0 +1,120 @@
+"""Shard-on-read (HF_FSDP_LOADFIX_SOURCE=sharded) on 2 gloo ranks: every rank, rank 0 included, loads on meta and reads
+only its own slices of the checkpoint at accelerate's load. Each case runs accelerate's fsdp2_prepare_model twice in
+one process (tests/worker.py --stream-case), with SOURCE=local (the default path: rank 0 loads and broadcasts) and
+SOURCE=sharded, then one SGD step; every local shard, buffer, dtype, requires_grad, the loss and the shards after the
+step must be bitwise equal. Loads shard-on-read cannot serve exactly take the default path and must say why."""
+
+import os
+
+import pytest
+from launch import require_accelerate_on_cpu, run_ranks
+from test_offpath import OFFPATH
+
+from hf_fsdp_loadfix._worker import launch
+
+# name -> (checkpoint kind, build options); tests/worker.py STREAM_CASES says what each name changes
+CASES = {
+    "ac": ("uneven", {"vocab": 131}),  # activation checkpointing, an uneven shard
+    "tied": ("llama_tied", {}),
+    "keep_fp32": ("keep_fp32", {}),
+    "frozen": ("llama", {}),
+    "offload": ("llama", {}),  # cpu_offload
+    "nomp": ("llama_sharded", {}),  # several safetensors files, no mixed precision
+    "fp32": ("llama", {}),  # a cast at load (bf16 checkpoint, fp32 model)
+    "persistent_buffer": ("deepseek_v3", {}),  # DeepSeek-V3: a persistent plain buffer, MoE
+    "moe": ("mixtral", {}),  # per-expert checkpoint keys (5.x fuses them at load)
+    "vlm": ("llava", {}),
+    "new_head": ("llama_base", {}),  # a LlamaModel checkpoint loaded as a causal LM: lm_head is missing
+}
+
+
+def _release_converts(kind) -> bool:
+    """5.x fuses per-expert keys at load, and every release renames Llava's legacy keys (as it saves them):
+    shard-on-read leaves such models to the default path."""
+    import transformers
+    from packaging.version import Version
+
+    return kind == "llava" or kind in ("deepseek_v3", "mixtral") and Version(transformers.__version__) >= Version("5")
+
+
+def _checkpoint_bytes(ckpt) -> int:
+    from safetensors import safe_open
+
+    sizes = {"BF16": 2, "F16": 2, "F32": 4}
+    total = 0
+    for f in os.listdir(ckpt):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(ckpt, f), "pt") as st:
+                for k in st.keys():
+                    s = st.get_slice(k)
+                    n = 1
+                    for d in s.get_shape():
+                        n *= d
+                    total += n * sizes[s.get_dtype()]
+    return total
+
+
+@pytest.fixture(scope="module")
+def runs(checkpoints, tmp_path_factory):
+    require_accelerate_on_cpu("llama_tied")
+    ckpts = {name: checkpoints(kind, **opts) for name, (kind, opts) in CASES.items()}
+    load = {"uneven": "llama", "llama_sharded": "llama"}  # the class each checkpoint kind loads as
+    args = [a for name, (kind, _) in CASES.items() for a in ("--stream-case", name, load.get(kind, kind), ckpts[name])]
+    outputs, results = run_ranks(args + ["--vary", "HF_FSDP_LOADFIX_SOURCE", "--stream", "local,sharded"],
+                                 tmp_path_factory.mktemp("sharded"), timeout=400)
+    for rc, text in outputs:
+        assert rc == 0, text[-4000:]
+    return ckpts, [r["cases"] for r in results]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_accelerate_shard_on_read_is_bitwise_the_default_path(runs, name):
+    ckpts, results = runs
+    kind = CASES[name][0]
+    served = not (_release_converts(kind) or name == "new_head")
+    read = []
+    for rank, cases in enumerate(results):
+        default, sharded = cases[name]["local"], cases[name]["sharded"]
+        assert sharded["shards"] == default["shards"], name
+        assert sharded["buffers"] == default["buffers"], name
+        assert sharded["loss"] == default["loss"] and sharded["after_step"] == default["after_step"], name
+        if "mismatch_vs_checkpoint" in sharded:
+            assert sharded["mismatch_vs_checkpoint"] == []
+            # by name: a base-model checkpoint lacks the prefix, and Llava is saved under its legacy names
+            assert sharded["checkpoint_keys_compared"] > 0 or kind in ("llama_base", "llava")
+        info = sharded["shard_on_read"]
+        if served:
+            # rank 0 too: every entry on meta after from_pretrained, nothing broadcast, only its slices read
+            assert sharded["devices_after_load"] == ["meta"] and default["devices_after_load"] == (
+                ["cpu"] if rank == 0 else ["meta"])
+            assert sharded["bytes_broadcast"] == 0 < default["bytes_broadcast"]
+            assert info["keys_sliced"] > 0 and info["keys_whole"] == (1 if kind == "deepseek_v3" else 0), info
+            read.append(info["bytes_read"])
+        else:
+            assert isinstance(info, str) and info.startswith("shard-on-read not used for ") and (
+                "rank 0 initialises them" in info if name == "new_head" else " at load" in info), info
+            assert sharded["devices_after_load"] == default["devices_after_load"]
+    if served:
+        total = _checkpoint_bytes(ckpts[name])
+        # each rank reads its own slices (the whole of a persistent buffer): together the checkpoint once
+        assert all(r <= 0.55 * total for r in read), (read, total)
+        if kind != "deepseek_v3":
+            assert sum(read) == total, (read, total)
+
+
+def test_public_fill_shards_on_torch_native_fully_shard(checkpoints, tmp_path):
+    """fsdp_loading() around from_pretrained with no FSDP variables set (and none left after it), fully_shard per
+    decoder layer and on the root, fill_shards(): rank 0's parameters on meta after loading too, every gathered key
+    equal to the checkpoint, logits equal on both ranks and to a plain load's."""
+    outputs, results = launch([OFFPATH, *[a for kind in ("llama", "llama_tied")
+                                          for a in ("--scenario", "fill", kind, checkpoints(kind))]], tmp_path,
+                              timeout=200)
+    for rc, text in outputs:
+        assert rc == 0, text[-4000:]
+    for kind in ("llama", "llama_tied"):
+        got = [r["scenarios"][f"fill:{kind}"] for r in results]
+        for r in got:
+            assert r["devices_after_load"] == ["meta"] and r["variables_after"] == []
+            assert r["checkpoint_keys_compared"] > 0 and r["mismatch_vs_checkpoint"] == []
+            assert r["logits"] == r["logits_plain"] == got[0]["logits"]
+            assert r["shard_on_read"]["keys_sliced"] > 0
