@@ -25,7 +25,9 @@ LOAD_PATH = ["tests/test_contract.py", "tests/test_field.py", "tests/test_fail_t
              "tests/test_gate.py::test_structure_check_tells_4x_from_5x"]
 ONE_INTERPRETER = ["tests/test_gate.py", "tests/test_startup.py", "tests/test_cli.py"]
 OFF_PATH = "tests/test_offpath.py"  # DDP under the FSDP variables, native DistributedConfig, FSDP1/HSDP, long loads
-WHOLE = [["-n", "2", *ONE_INTERPRETER], [*LOAD_PATH[:-1], "tests/test_beyond.py", "tests/test_stream.py", OFF_PATH]]
+SHARDED = "tests/test_sharded.py"  # HF_FSDP_LOADFIX_SOURCE=sharded against the default path
+WHOLE = [["-n", "2", *ONE_INTERPRETER],
+         [*LOAD_PATH[:-1], "tests/test_beyond.py", "tests/test_stream.py", OFF_PATH, SHARDED]]
 # every test that goes through accelerate outside the load path
 ACCELERATE_TESTS = ["-k", "accelerate", "tests/test_gate.py", "tests/test_beyond.py", "tests/test_stream.py"]
 # one environment per behaviour class (hf_fsdp_loadfix/versions.py): release -> (extra pins, pytest runs).
@@ -34,7 +36,7 @@ ACCELERATE_TESTS = ["-k", "accelerate", "tests/test_gate.py", "tests/test_beyond
 # cpu_offload argument; 1.14: key-based instead of zip-ordered), and also run every other accelerate test.
 # C5 runs on torch 2.15 (session torch-2.15). `nox -s everything` runs the whole suite on every class.
 CLASSES = {"4.56.2": (HUB_4X, [LOAD_PATH]), "4.57.6": (HUB_4X, WHOLE),
-           "5.3.0": (["accelerate==1.13.0"], [LOAD_PATH, ACCELERATE_TESTS]),
+           "5.3.0": (["accelerate==1.13.0"], [LOAD_PATH, ACCELERATE_TESTS, [SHARDED]]),
            "5.5.4": (["accelerate==1.14.0"], [LOAD_PATH, ACCELERATE_TESTS]), "5.23.0": ([], WHOLE)}
 TORCH_NEWEST = ("2.15.0", "5.22.2")  # FSDPParam.reset_sharded_param changed on accelerate's assign=True path
 # opt-in (`nox -s boundaries`): the first release of each class (4.57.0 is yanked, so 4.57.1)
@@ -82,7 +84,7 @@ def tests(session, release):
 def newest(session):
     """The load path, the rank-0 stream and the off-path setups on the newest torch, transformers, accelerate and peft on the index: CI
     tries each new upstream release the next time it runs."""
-    _run(session, "torch", "transformers", "accelerate", "peft", runs=[[*LOAD_PATH, "tests/test_stream.py", OFF_PATH]])
+    _run(session, "torch", "transformers", "accelerate", "peft", runs=[[*LOAD_PATH, "tests/test_stream.py", OFF_PATH, SHARDED]])
 
 
 @nox.session(name="torch-2.15")

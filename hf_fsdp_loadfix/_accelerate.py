@@ -141,5 +141,8 @@ def prepare_model(wrapped, instance, args, kwargs):
     if _broadcast.from_rank0(model) and not getattr(model, "_is_accelerate_prepared", False):
         _wait.wait_for_rank0(model)
         if instance.distributed_type != DistributedType.FSDP:
-            _broadcast.fill_from_rank0(model, instance.device)
+            if _sharded.source_of(model)[1] is not None:  # shard-on-read: no rank holds it; each reads it whole
+                _sharded.fill(model, instance.device)
+            else:
+                _broadcast.fill_from_rank0(model, instance.device)
     return wrapped(*args, **kwargs)

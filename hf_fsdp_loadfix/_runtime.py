@@ -229,9 +229,11 @@ def _meta_guard(module, args):
     if any(p.device.type == "meta" for p in module.parameters()):
         raise RuntimeError(
             "hf_fsdp_loadfix: this model was loaded under FSDP cpu-ram-efficient loading (ACCELERATE_USE_FSDP and "
-            "FSDP_CPU_RAM_EFFICIENT_LOADING set) on a process other than local rank 0, so its weights are on meta "
-            "until they are broadcast from rank 0. Prepare it first (accelerator.prepare(model), accelerate's "
-            "fsdp2_prepare_model, or fully_shard + set_model_state_dict(broadcast_from_rank0=True)), or load it "
+            "FSDP_CPU_RAM_EFFICIENT_LOADING set) on a process other than local rank 0 (or with "
+            "HF_FSDP_LOADFIX_SOURCE=sharded), so its weights are on meta until they are broadcast from rank 0 (or "
+            "read into its shards). Prepare it first (accelerator.prepare(model), accelerate's "
+            "fsdp2_prepare_model, or fully_shard + set_model_state_dict(broadcast_from_rank0=True) or "
+            "hf_fsdp_loadfix.fill_shards), or load it "
             "with FSDP_CPU_RAM_EFFICIENT_LOADING=false (or HF_FSDP_LOADFIX=0) where every rank needs the weights "
             "before that.")
     module._hf_fsdp_loadfix_guard.remove()

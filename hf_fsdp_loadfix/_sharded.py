@@ -166,7 +166,18 @@ def fill(model, device=None, cpu_offload=False) -> None:
             filled[key] = done[id(target)]
     finally:
         handles.clear()
-    root.load_state_dict(filled, assign=True)  # a tied key gets the same tensor as its twin: the tie holds
+    # DTensors (FSDP2) through load_state_dict(assign=True), as accelerate does; a tied key gets its twin's tensor.
+    # Plain tensors (persistent buffers; every entry of a model prepared without FSDP) swapped in place: an optimizer
+    # built before prepare keeps training them, ties stay ties.
+    root.load_state_dict({k: v for k, v in filled.items() if isinstance(v, DTensor)}, assign=True, strict=False)
+    swapped = set()
+    with torch.no_grad():
+        for key, value in filled.items():
+            target = targets[key]
+            if not isinstance(value, DTensor) and id(target) not in swapped:
+                swapped.add(id(target))
+                is_param = isinstance(target, torch.nn.Parameter)
+                torch.utils.swap_tensors(target, torch.nn.Parameter(value, target.requires_grad) if is_param else value)
     last["shard_on_read"] = {"keys_sliced": sliced, "keys_whole": whole, "bytes_read": read,
                              "files": sorted(os.path.basename(p) for p in {p for p, _ in source.files.values()})}
 

@@ -4,8 +4,9 @@
 FSDP_CPU_RAM_EFFICIENT_LOADING):
 
 - ``ddp KIND CKPT``: a real ``Accelerator(cpu=True, fsdp_plugin=FSDP2 + cpu_ram_efficient_loading)``, which runs
-  DDP; a forward before ``prepare``; ``prepare(model, optimizer)`` and 3 SGD steps; then the same with the package
-  reverted (upstream), so the losses and the trained state compare in one launch.
+  DDP; a forward before ``prepare``; ``prepare(model, optimizer)`` and 3 SGD steps; then the same with
+  HF_FSDP_LOADFIX_SOURCE=sharded, and with the package reverted (upstream), so the losses and the trained state
+  compare in one launch.
 - ``native KIND CKPT``: transformers' own ``from_pretrained(distributed_config=DistributedConfig(fsdp_size=N))``.
 - ``fsdp1 KIND CKPT``: FSDP1 built as accelerate builds it for cpu_ram_efficient_loading (``sync_module_states``,
   ``param_init_fn`` = ``to_empty(recurse=False)`` + accelerate's ``ensure_weights_retied``, decoder layers
@@ -62,7 +63,8 @@ def ddp(kind, ckpt, args, rank):
     accelerator = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(
         fsdp_version=2, cpu_ram_efficient_loading=True))
     result = {"distributed_type": accelerator.distributed_type.name, "traps": hf_fsdp_loadfix.status()["traps"]}
-    for run in ("patched", "upstream"):
+    for run in ("patched", "sharded", "upstream"):
+        os.environ["HF_FSDP_LOADFIX_SOURCE"] = "sharded" if run == "sharded" else "local"
         if run == "upstream":
             hf_fsdp_loadfix.revert()
         model = load_class(kind).from_pretrained(ckpt)

@@ -67,10 +67,12 @@ def test_real_accelerator_running_ddp_under_the_fsdp_variables_trains_as_upstrea
     for r in (rank0, rank1):
         assert r["distributed_type"] == "MULTI_CPU"
         assert any(t.startswith("accelerate runs MULTI_CPU, not FSDP") for t in r["traps"]), r["traps"]
-        assert r["patched"]["wrapper"] == r["upstream"]["wrapper"] == "DistributedDataParallel"
-        assert r["patched"]["losses"] == r["upstream"]["losses"] == rank0["upstream"]["losses"]
-        assert r["patched"]["state"] == r["upstream"]["state"] == rank0["upstream"]["state"]
-        assert r["patched"]["buffers"] == r["upstream"]["buffers"]
+        for run in ("patched", "sharded"):  # sharded: every rank on meta, each reads the checkpoint at prepare
+            assert r[run]["wrapper"] == r["upstream"]["wrapper"] == "DistributedDataParallel"
+            assert r[run]["losses"] == r["upstream"]["losses"] == rank0["upstream"]["losses"]
+            assert r[run]["state"] == r["upstream"]["state"] == rank0["upstream"]["state"]
+            assert r[run]["buffers"] == r["upstream"]["buffers"]
+        assert r["sharded"]["devices"] == ["meta"]
         assert r["upstream"]["forward_before_prepare"] == "ok"
     losses = rank0["patched"]["losses"]
     assert len(losses) == 3 and losses[2] < losses[0], losses
