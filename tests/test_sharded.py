@@ -54,12 +54,33 @@ def _checkpoint_bytes(ckpt) -> int:
     return total
 
 
+def _require(name) -> None:
+    """Skip where accelerate itself cannot run the case, whatever the source: tied embeddings on accelerate <= 1.14
+    with torch >= 2.13 (accelerate#4171); mixed parameter dtypes under mixed precision before accelerate 1.14 upcasts
+    them ("FSDP expects uniform original parameter dtype")."""
+    import accelerate
+    from packaging.version import Version
+
+    require_accelerate_on_cpu(CASES[name][0])
+    if name in ("keep_fp32", "frozen") and Version(accelerate.__version__) < Version("1.14"):
+        pytest.skip(f"accelerate {accelerate.__version__}: FSDP expects uniform original parameter dtype under bf16 "
+                    "mixed precision")
+
+
+def _can_run(name) -> bool:
+    try:
+        _require(name)
+        return True
+    except pytest.skip.Exception:
+        return False
+
+
 @pytest.fixture(scope="module")
 def runs(checkpoints, tmp_path_factory):
-    require_accelerate_on_cpu("llama_tied")
-    ckpts = {name: checkpoints(kind, **opts) for name, (kind, opts) in CASES.items()}
+    require_accelerate_on_cpu()
+    ckpts = {name: checkpoints(kind, **opts) for name, (kind, opts) in CASES.items() if _can_run(name)}
     load = {"uneven": "llama", "llama_sharded": "llama"}  # the class each checkpoint kind loads as
-    args = [a for name, (kind, _) in CASES.items() for a in ("--stream-case", name, load.get(kind, kind), ckpts[name])]
+    args = [a for name in ckpts for a in ("--stream-case", name, load.get(CASES[name][0], CASES[name][0]), ckpts[name])]
     outputs, results = run_ranks(args + ["--vary", "HF_FSDP_LOADFIX_SOURCE", "--stream", "local,sharded"],
                                  tmp_path_factory.mktemp("sharded"), timeout=400)
     for rc, text in outputs:
@@ -70,6 +91,8 @@ def runs(checkpoints, tmp_path_factory):
 @pytest.mark.parametrize("name", list(CASES))
 def test_accelerate_shard_on_read_is_bitwise_the_default_path(runs, name):
     ckpts, results = runs
+    if name not in ckpts:
+        _require(name)  # skips, naming why
     kind = CASES[name][0]
     served = not (_release_converts(kind) or name == "new_head")
     read = []
