@@ -9,9 +9,11 @@ in their own dtype. Each rank (``python -m hf_fsdp_loadfix._worker --shard accel
 runs from_pretrained then fsdp2_prepare_model with cpu_ram_efficient_loading; per rank: peak anonymous RSS over both
 (sampled from /proc every 0.5 ms), the prepare time, and the bytes sent with dist.broadcast. Three runs per size:
 mixed precision bf16 with streaming off (accelerate as it is) and on, and no mixed precision (accelerate as it is:
-the time reference), each --repeat times (the highest peak and the shortest time count). Targets: rank 0's peak
+the time reference), each --repeat times (the highest peak and the shortest time count); --without-package adds
+mixed precision bf16 with HF_FSDP_LOADFIX=0 (transformers and accelerate as they are). Targets: rank 0's peak
 <= its own fp32 shard + 2 x the largest fp32 tensor + 64 MB; prepare time with mixed precision <= 1.5 x without it.
-Writes benchmarks/results/stream-<accelerate>.{json,md,png}.
+Writes benchmarks/results/stream-<accelerate>.{json,md,png} (with --without-package:
+stream-<accelerate>-transformers-<transformers>.*); --from-json re-renders the table and plot of an earlier run.
 """
 
 import argparse
@@ -25,7 +27,14 @@ from sweep import checkpoint, common_args, save
 
 from hf_fsdp_loadfix._worker import launch
 
-RUNS = {"upstream": ("bf16", "0"), "streamed": ("bf16", "1"), "no mixed precision": ("no", "0")}
+RUNS = {"upstream": ("bf16", "0"), "streamed": ("bf16", "1"), "no mixed precision": ("no", "0")}  # package on
+WITHOUT = "without the package"  # --without-package: HF_FSDP_LOADFIX=0, bf16 mixed precision
+# per run, in drawing order: legend label, colour, marker, line width, alpha. "without the package" is drawn wide and
+# pale underneath, so that rank 0's equal values with and without the package (streaming off) show both lines
+STYLE = {WITHOUT: ("without the package (HF_FSDP_LOADFIX=0)", "tab:purple", "v", 8.0, 0.35),
+         "upstream": ("accelerate's prepare as it is", "tab:red", "o", 3.0, 0.6),
+         "streamed": ("streamed (the package's default)", "tab:blue", "D", 1.5, 1.0),
+         "no mixed precision": ("no mixed precision", "tab:grey", "^", 1.5, 1.0)}
 
 
 def largest_numel(ckpt):
@@ -39,16 +48,18 @@ def measure(args, versions):
     for size in args.sizes:
         ckpt, params = checkpoint(size, args.dir)
         target_mb = (4 * params / args.nproc + 2 * 4 * largest_numel(ckpt)) / 2**20 + 64
-        repeats = {run: [] for run in RUNS}
+        runs = {**RUNS, **({WITHOUT: ("bf16", "0")} if args.without_package else {})}
+        repeats = {run: [] for run in runs}
         for _ in range(args.repeat):  # interleaved, so that load on the machine hits every run alike
-            for run, (mixed, stream) in RUNS.items():
+            for run, (mixed, stream) in runs.items():
+                env = {"HF_FSDP_LOADFIX_STREAM": stream, **({"HF_FSDP_LOADFIX": "0"} if run == WITHOUT else {})}
                 outputs, results = launch(["-m", "hf_fsdp_loadfix._worker", "--ckpt", ckpt, "--shard", "accelerate",
                                            "--mixed-precision", mixed, "--prepare-only"], tempfile.mkdtemp(),
-                                          nproc=args.nproc, timeout=3600, env={"HF_FSDP_LOADFIX_STREAM": stream})
+                                          nproc=args.nproc, timeout=3600, env=env)
                 if any(rc for rc, _ in outputs):
                     sys.exit(next(text for rc, text in outputs if rc)[-3000:])
                 repeats[run].append(results)
-        for run, (_, stream) in RUNS.items():
+        for run, (_, stream) in runs.items():
             ranks = list(zip(*repeats[run]))  # per rank, its result in each repeat
             rows.append({**versions, "params": params, "nproc": args.nproc, "run": run, "target_rank0_mb": target_mb,
                          "repeat": args.repeat,
@@ -75,18 +86,28 @@ def markdown(rows):
     by = {(r["params"], r["run"]): r for r in rows}
     met = []
     for params in sorted({r["params"] for r in rows}):
-        up, st, ref = (by[(params, run)] for run in RUNS)
+        up, st, ref = (by[(params, run)] for run in ("upstream", "streamed", "no mixed precision"))
         ratio = (max(up["prepare_s"]) / max(ref["prepare_s"]), max(st["prepare_s"]) / max(ref["prepare_s"]))
         met.append(st["peak_mb"][0] <= st["target_rank0_mb"] and ratio[1] <= 1.5)
         lines.append(f"| {params / 1e9:.2f}B | {up['peak_mb'][0]:.0f} / {st['peak_mb'][0]:.0f} | "
                      f"{st['target_rank0_mb']:.0f} | {up['peak_mb'][1]:.0f} / {st['peak_mb'][1]:.0f} | "
                      f"{max(up['prepare_s']):.2f} / {max(st['prepare_s']):.2f} | {max(ref['prepare_s']):.2f} | "
                      f"{ratio[0]:.1f}x / {ratio[1]:.1f}x | {up['broadcast_mb'][1]:.0f} / {st['broadcast_mb'][1]:.0f} |")
-    if rows[1]["stream"] != "applied":
-        lines += ["", f"Streaming: {rows[1]['stream']}. Both cells show accelerate as it is."]
+    streamed = next(r for r in rows if r["run"] == "streamed")
+    if streamed["stream"] != "applied":
+        lines += ["", f"Streaming: {streamed['stream']}. Both cells show accelerate as it is."]
     else:
         lines += ["", f"Targets (rank 0 within its target, streamed prepare within 1.5x the time without mixed "
                   f"precision) met at {sum(met)} of {len(met)} sizes."]
+    if any(r["run"] == WITHOUT for r in rows):
+        lines += ["", "Without the package (`HF_FSDP_LOADFIX=0`: transformers and accelerate as they are) / with it "
+                  "(its defaults: streamed), both under bf16 mixed precision:", "",
+                  "| params | rank 0 peak MB | rank 1 peak MB | prepare s | broadcast MB |", "|---|---|---|---|---|"]
+        for params in sorted({r["params"] for r in rows}):
+            off, on = by[(params, WITHOUT)], by[(params, "streamed")]
+            lines.append(f"| {params / 1e9:.2f}B | {off['peak_mb'][0]:.0f} / {on['peak_mb'][0]:.0f} | "
+                         f"{off['peak_mb'][1]:.0f} / {on['peak_mb'][1]:.0f} | {max(off['prepare_s']):.2f} / "
+                         f"{max(on['prepare_s']):.2f} | {off['broadcast_mb'][1]:.0f} / {on['broadcast_mb'][1]:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -99,25 +120,33 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (mem, secs) = plt.subplots(1, 2, figsize=(11, 4))
-    for run, color in zip(RUNS, ("tab:red", "tab:blue", "tab:grey")):
+    fig, (mem, secs) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in [run for run in STYLE if any(r["run"] == run for r in rows)]:
+        label, color, marker, width, alpha = STYLE[run]
         runs = [r for r in rows if r["run"] == run]
+        if run == "streamed" and runs[0]["stream"] != "applied":
+            label = "HF_FSDP_LOADFIX_STREAM=1 (not applied: nothing to stream)"
         x = [r["params"] / 1e9 for r in runs]
+        style = {"color": color, "marker": marker, "linewidth": width, "alpha": alpha}
         if run != "no mixed precision":
-            mem.plot(x, [r["peak_mb"][0] for r in runs], "-o", color=color, label=f"rank 0, {run}")
-            mem.plot(x, [r["peak_mb"][1] for r in runs], "--s", color=color, label=f"rank 1, {run}")
-        secs.plot(x, [max(r["prepare_s"]) for r in runs], "-o", color=color, label=run)
+            mem.plot(x, [r["peak_mb"][0] for r in runs], "-", label=f"rank 0, {label}", **style)
+            mem.plot(x, [r["peak_mb"][1] for r in runs], "--", markerfacecolor="none", label=f"rank 1, {label}",
+                     **style)
+        secs.plot(x, [max(r["prepare_s"]) for r in runs], "-", label=label, **style)
     target = [r for r in rows if r["run"] == "streamed"]
     mem.plot([r["params"] / 1e9 for r in target], [r["target_rank0_mb"] for r in target], ":", color="black",
-             label="rank 0 target")
+             label="rank 0 target (streamed)")
     mem.set_ylabel("peak anonymous RSS above baseline (MB)")
-    secs.set_ylabel("fsdp2_prepare_model (s)")
+    mem.set_title("peak memory over from_pretrained + prepare")
+    secs.set_ylabel("fsdp2_prepare_model (s), slowest rank")
+    secs.set_title("prepare time")
     for ax in (mem, secs):
         ax.set_xlabel("parameters (billions)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     v = rows[0]
-    fig.suptitle(f"accelerate {v['accelerate']} fsdp2_prepare_model, bf16 mixed precision, {v['nproc']} ranks")
+    fig.suptitle(f"accelerate {v['accelerate']} fsdp2_prepare_model, transformers {v['transformers']}, "
+                 f"bf16 mixed precision, {v['nproc']} CPU gloo ranks")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -127,6 +156,7 @@ def main():
     common_args(p)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3, help="runs per cell: the highest peak, the shortest time")
+    p.add_argument("--without-package", action="store_true", help="also measure with HF_FSDP_LOADFIX=0")
     args = p.parse_args()
 
     if args.from_json:
@@ -138,8 +168,11 @@ def main():
 
         rows = measure(args, {"accelerate": accelerate.__version__, "transformers": transformers.__version__,
                               "torch": torch.__version__})
-    save(os.path.join(args.out, f"stream-{rows[0]['accelerate']}"), rows, markdown(rows),
-         lambda path: plot(rows, path))
+    v = rows[0]
+    stem = f"stream-{v['accelerate']}" + (f"-transformers-{v['transformers']}" if any(r["run"] == WITHOUT
+                                                                                    for r in rows) else "")
+    save(os.path.join(args.out, stem), rows, markdown(rows), lambda path: plot(rows, path))
+
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,8 @@ Each size is a bf16 Llama built locally once (cached under <tmp>/hf_fsdp_loadfix
 (bfloat16 = the checkpoint's, float32 = a cast), rank count, and HF_FSDP_LOADFIX=0 / 1, the ranks run
 ``python -m hf_fsdp_loadfix._worker --load-only`` (gloo, CPU). A run whose total memory, extrapolated linearly from
 the same configuration at the previous size, would exceed --budget-gb is skipped and recorded as skipped.
-Writes benchmarks/results/sweep-<transformers>.{json,md,png}.
+Writes benchmarks/results/sweep-<transformers>.{json,md,png}; --from-json JSON re-renders the table and plot of an
+earlier run without measuring.
 """
 
 import argparse
@@ -100,6 +101,19 @@ def markdown(rows, version, cls):
     return "\n".join(lines) + "\n"
 
 
+# per (series, patched): colour, marker, marker size, line style, line width, alpha, hollow marker. Drawn in this
+# order, wide and pale below, small on top, so that equal values (rank 0 everywhere, all four on 4.x) show every line
+SERIES = {("rank 0", True): ("tab:blue", "o", 6, "-", 4.5, 0.35, False),
+          ("non-rank-0 (max)", False): ("tab:red", "s", 13, "--", 1.3, 1.0, True),
+          ("rank 0", False): ("tab:blue", "o", 9, "--", 1.3, 1.0, True),
+          ("non-rank-0 (max)", True): ("tab:red", "s", 4, "-", 1.5, 1.0, False)}
+LEGEND = ["rank 0, upstream", "rank 0, patched", "non-rank-0 (max), upstream", "non-rank-0 (max), patched",
+          f"{PEAK_LIMIT_MB} MB target"]
+NOTE_4X = ("4.x: upstream's non-rank-0 placeholders are CPU memory not yet written, so from_pretrained alone looks "
+           "flat;\naccelerate's fp32 upcast under mixed precision writes them in prepare: see "
+           "benchmarks/results/stream-1.15.0-transformers-4.57.6.md")
+
+
 def plot(rows, version, cls, path):
     try:
         import matplotlib
@@ -108,30 +122,45 @@ def plot(rows, version, cls, path):
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     dtypes, nprocs = sorted({r["load_dtype"] for r in rows}), sorted({r["nproc"] for r in rows})
-    fig, axes = plt.subplots(len(dtypes), len(nprocs), figsize=(5 * len(nprocs), 4 * len(dtypes)), squeeze=False)
+    fig, axes = plt.subplots(len(dtypes), len(nprocs), figsize=(6 * len(nprocs), 4.6 * len(dtypes)), squeeze=False)
     for i, dtype in enumerate(dtypes):
         for j, nproc in enumerate(nprocs):
             ax = axes[i][j]
-            for patched, style in ((False, "--"), (True, "-")):
-                runs = [r for r in rows if (r["load_dtype"], r["nproc"], r["patched"]) == (dtype, nproc, patched)
-                        and "peak_mb" in r]
-                x = [r["params"] / 1e9 for r in runs]
-                label = "patched" if patched else "upstream"
-                ax.plot(x, [max(r["peak_mb"][0], 0.1) for r in runs], style, color="tab:blue", marker="o",
-                        label=f"rank 0, {label}")
-                ax.plot(x, [max(max(r["peak_mb"][1:]), 0.1) for r in runs], style, color="tab:red", marker="s",
-                        label=f"non-rank-0 (max), {label}")
+            runs = [r for r in rows if (r["load_dtype"], r["nproc"]) == (dtype, nproc)]
+            for (name, patched), (color, marker, size, style, width, alpha, hollow) in SERIES.items():
+                done = [r for r in runs if r["patched"] == patched and "peak_mb" in r]
+                peaks = [r["peak_mb"][0] if name == "rank 0" else max(r["peak_mb"][1:]) for r in done]
+                ax.plot([r["params"] / 1e9 for r in done], [max(p, 0.1) for p in peaks], style, color=color,
+                        linewidth=width, alpha=alpha, marker=marker, markersize=size,
+                        markerfacecolor="none" if hollow else color,
+                        label=f"{name}, {'patched' if patched else 'upstream'}")
+            for r in runs:  # a skipped run: an x at the top of the panel, with the reason
+                if "skipped" in r:
+                    x, top = r["params"] / 1e9, ax.get_xaxis_transform()
+                    ax.plot(x, 0.93, "x", color="black", markersize=10, markeredgewidth=2, transform=top)
+                    ax.annotate(f"{'patched' if r['patched'] else 'upstream'} skipped\n({r['skipped']})", (x, 0.93),
+                                xycoords=top, xytext=(-8, -4), textcoords="offset points", ha="right", va="top",
+                                fontsize=7)
             ax.axhline(PEAK_LIMIT_MB, color="grey", linewidth=0.8, linestyle=":", label=f"{PEAK_LIMIT_MB} MB target")
+            handles = sorted(ax.get_legend_handles_labels()[0], key=lambda h: LEGEND.index(h.get_label()))
+            if any("skipped" in r for r in runs):
+                handles.append(Line2D([], [], color="black", marker="x", linestyle="none", markersize=8,
+                                      markeredgewidth=2, label="run skipped: over --budget-gb"))
             ax.set_yscale("log")
+            ax.set_ylim(top=ax.get_ylim()[1] * 4)  # room for the skipped marks
             ax.set_xlabel("parameters (billions)")
             ax.set_ylabel("peak anonymous RSS above baseline (MB)")
             ax.set_title(f"load as {dtype}, {nproc} ranks")
             ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"transformers {version} ({cls}): from_pretrained under FSDP cpu-ram-efficient loading")
-    fig.tight_layout()
+            ax.legend(handles=handles, fontsize=7, loc="center right", framealpha=0.85)
+    fig.suptitle(f"transformers {version} ({cls}): peak memory of each rank during from_pretrained under FSDP "
+                 "cpu-ram-efficient loading, upstream vs patched")
+    if cls in ("C1", "C2"):
+        fig.text(0.5, 0.005, NOTE_4X, ha="center", va="bottom", fontsize=8, style="italic")
+    fig.tight_layout(rect=(0, 0.04 if cls in ("C1", "C2") else 0, 1, 1))
     fig.savefig(path, dpi=110)
 
 

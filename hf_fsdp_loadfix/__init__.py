@@ -254,7 +254,7 @@ def _on_accelerate_import(fsdp_utils) -> None:
 
 def _on_accelerator_import(accelerator) -> None:
     """``Accelerator.prepare_model`` (FSDP1, DDP, no wrapper): the wait for rank 0, and the fill of a model prepared
-    without FSDP."""
+    without FSDP; ``Accelerator._prepare_fsdp2``: the optimizer's parameters mapped right for meta parameters."""
     from . import _accelerate
 
     with _lock:
@@ -266,6 +266,8 @@ def _on_accelerator_import(accelerator) -> None:
             _state["prepare"] = _disabled()
             return
         _wrap(owner, "prepare_model", _accelerate.prepare_model)
+        if callable(vars(owner).get("_prepare_fsdp2")):
+            _wrap(owner, "_prepare_fsdp2", _accelerate.prepare_fsdp2_accelerator)
         _state["prepare"] = "applied"
 
 

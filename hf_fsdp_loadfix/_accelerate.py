@@ -146,3 +146,18 @@ def prepare_model(wrapped, instance, args, kwargs):
             else:
                 _broadcast.fill_from_rank0(model, instance.device)
     return wrapped(*args, **kwargs)
+
+
+def prepare_fsdp2_accelerator(wrapped, instance, args, kwargs):
+    """``Accelerator._prepare_fsdp2(*args)`` (``prepare(model, optimizer)`` under FSDP2) maps the optimizer's
+    parameters to the sharded ones by ``data_ptr()``, which is 0 for every meta parameter: off rank 0 (and on every
+    rank under shard-on-read) the optimizer would end with one parameter repeated, and train silently wrong. Each
+    meta parameter answers a distinct ``data_ptr()`` (its ``id``) for the duration of the call."""
+    shadowed = [p for obj in args if _broadcast.from_rank0(obj) for p in obj.parameters() if p.device.type == "meta"]
+    for param in shadowed:
+        param.data_ptr = (lambda key=id(param): key)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        for param in shadowed:
+            vars(param).pop("data_ptr", None)

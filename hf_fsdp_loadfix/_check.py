@@ -1,7 +1,10 @@
-"""``hf-fsdp-loadfix check``: load a checkpoint on N local CPU ranks under FSDP cpu-ram-efficient conditions,
-without and with the patch, run the FSDP2 broadcast from rank 0, and say whether the contract holds."""
+"""``hf-fsdp-loadfix check``: load a checkpoint on N local ranks under FSDP cpu-ram-efficient conditions, without
+and with the patch, run the FSDP2 broadcast from rank 0, and say whether the contract holds. CPU ranks (gloo) run
+accelerate's ``fsdp2_prepare_model``; with 2 or more CUDA GPUs, one rank per GPU (NCCL) runs accelerate's real
+``Accelerator.prepare(model, optimizer)`` and a training step (``--device cuda``, ``_worker``'s GPU section)."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -77,6 +80,14 @@ def evaluate(outputs, results) -> list[str]:
             failed.append(f"{rank}: after the broadcast its full state differs from rank 0's")
         if "logits_error" not in r and (r["logits_nan"] or r["logits_digest"] != r0["logits_digest"]):
             failed.append(f"{rank}: logits " + ("contain NaN" if r["logits_nan"] else "differ from rank 0's"))
+        if "optimizer_params" in r and not r["optimizer_params"] == r["optimizer_model_params"] == r["model_params"]:
+            failed.append(f"{rank}: after prepare(model, optimizer) the optimizer holds "
+                          f"{r['optimizer_model_params']} of the model's {r['model_params']} parameters in "
+                          f"{r['optimizer_params']} entries: a training step does not train the others")
+        if "train_error" in r:
+            failed.append(f"{rank}: the training step raised {r['train_error']}")
+        elif "train_loss" in r and not math.isfinite(r["train_loss"]):
+            failed.append(f"{rank}: the training step's loss is {r['train_loss']}")
     return failed
 
 
@@ -96,16 +107,28 @@ def _ranks(outputs, results) -> list[dict]:
             "state_equal_rank0": r["state_digest"] == r0.get("state_digest"),
             "logits_equal_rank0": None if "logits_error" in r else r["logits_digest"] == r0.get("logits_digest"),
             "logits_nan": r.get("logits_nan"),
+            **_gpu_fields(r),
         })
     return ranks
 
 
+def _gpu_fields(r: dict) -> dict:
+    """What a ``--device cuda`` rank adds: its GPU, the optimizer after prepare, the training step."""
+    if "device" not in r:
+        return {}
+    loss = r.get("train_loss")
+    return {"device": r["device"], "optimizer_holds_params": r["optimizer_params"] == r["optimizer_model_params"]
+            == r["model_params"], "train_loss": loss if loss is not None and math.isfinite(loss) else None,
+            **({"train_error": r["train_error"]} if "train_error" in r else {})}
+
+
 def _cells(run: dict) -> dict:
     """One column of the table, formatted from a run's numbers."""
-    ranks, yes = run["ranks"], {True: "yes", False: "no"}
-    fix = "applied" if run["accelerate_fix"] == "applied" else "off"
-    cells = {"FSDP2 sharding + broadcast": f"accelerate, fix {fix}" if run["sharding"] == "accelerate"
-             else "torch fully_shard"}
+    ranks, yes, fix = run["ranks"], {True: "yes", False: "no"}, run["accelerate_fix"] or ""
+    off = fix.removeprefix("disabled by ")  # the variable that turned it off, where one did
+    fix = "applied" if fix == "applied" else f"off ({off})" if off != fix else "off"
+    cells = {"FSDP2 sharding + broadcast": {"accelerate": f"accelerate, fix {fix}", "native": "torch fully_shard",
+                                            "accelerator": f"Accelerator.prepare, fix {fix}"}[run["sharding"]]}
     if any("error" in r for r in ranks):
         return cells
     rest = ranks[1:]
@@ -118,8 +141,14 @@ def _cells(run: dict) -> dict:
     cells["after broadcast: keys = checkpoint"] = (
         f"{yes[not any(r['checkpoint_keys_mismatched'] for r in ranks)]} ({compared} keys)")
     cells["after broadcast: state equal on all ranks"] = yes[all(r["state_equal_rank0"] for r in ranks)]
-    cells["logits equal on all ranks, no NaN"] = "n/a" if any(r["logits_equal_rank0"] is None for r in ranks) else (
+    no_forward = any(r["logits_equal_rank0"] is None for r in ranks)
+    cells["logits equal on all ranks, no NaN"] = "n/a" if no_forward else (
         yes[all(r["logits_equal_rank0"] and not r["logits_nan"] for r in ranks)])
+    if "device" in ranks[0]:  # --device cuda
+        cells["ranks on GPUs"] = ", ".join(r["device"] for r in ranks)
+        cells["prepare: optimizer holds every parameter"] = yes[all(r["optimizer_holds_params"] for r in ranks)]
+        cells["one training step, finite loss"] = "n/a" if no_forward else yes[all(r["train_loss"] is not None
+                                                                                  for r in ranks)]
     return cells
 
 
@@ -144,15 +173,47 @@ def validate_model(model: str) -> None:
         raise CannotRun(f"--model {model} is not a checkpoint directory: it has no *.safetensors or *.bin weights")
 
 
-def check(model: str | None = None, nproc: int = 2, dtype: str = "float32", as_json: bool = False) -> int:
+def cuda_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def plan(device: str | None, nproc: int | None, gpus: int, sharding: str) -> tuple[str, int, str | None]:
+    """(device, ranks, a note to print) for ``--device`` and ``--nproc``, given the CUDA GPUs and how accelerate can
+    shard: one rank per GPU where there are 2 or more and accelerate has FSDP2, else 2 CPU ranks. Raises
+    :class:`CannotRun` for a ``--device cuda`` that cannot run."""
+    note = None
+    if device is None:
+        device = "cuda" if gpus >= 2 and sharding == "accelerate" else "cpu"
+        if gpus == 1:
+            note = "one CUDA GPU: --device cuda needs 2 or more (one rank per GPU); running on CPU ranks"
+        elif gpus >= 2 and device == "cpu":
+            note = f"{gpus} CUDA GPUs, but --device cuda needs accelerate >= 1.6; running on CPU ranks"
+    if device == "cpu":
+        return device, nproc or 2, note
+    if sharding != "accelerate":
+        raise CannotRun("--device cuda runs accelerate's Accelerator.prepare with FSDP2: install accelerate >= 1.6")
+    if gpus < 2:
+        raise CannotRun(f"--device cuda needs 2 or more CUDA GPUs (one rank per GPU); this machine has {gpus}")
+    if nproc is not None and nproc > gpus:
+        raise CannotRun(f"--nproc {nproc} is more than the {gpus} CUDA GPUs (one rank per GPU)")
+    return device, nproc or gpus, note
+
+
+def check(model: str | None = None, nproc: int | None = None, dtype: str = "float32", as_json: bool = False,
+          device: str | None = None) -> int:
     """Run the check; print the table (or JSON); 0 if the contract holds with the patch, 1 if not. Raises
-    :class:`CannotRun` when it cannot run."""
+    :class:`CannotRun` when it cannot run. ``device``/``nproc`` None: as :func:`plan` chooses."""
     from importlib import metadata
 
     from packaging.version import Version
 
-    from . import __version__, _worker
+    from . import __version__, _config, _worker
 
+    if not _config.enabled():  # the patched run would be upstream too: nothing to compare
+        raise CannotRun("hf_fsdp_loadfix is disabled by HF_FSDP_LOADFIX=0, so the check would compare upstream with "
+                        "itself; unset HF_FSDP_LOADFIX to run it")
     if model is not None:
         validate_model(model)
 
@@ -171,9 +232,18 @@ def check(model: str | None = None, nproc: int = 2, dtype: str = "float32", as_j
     # accelerate's real fsdp2_prepare_model where accelerate can run it (1.6.0 added its full-state-dict broadcast)
     sharding = "accelerate" if stack["accelerate"] and Version(stack["accelerate"]) >= Version("1.6") else "native"
     say("hf-fsdp-loadfix check: " + ", ".join(f"{d} {v or 'not installed'}" for d, v in stack.items()))
+    device, nproc, note = plan(device, nproc, cuda_gpus() if device != "cpu" else 0, sharding)
+    if note:
+        say(note)
+    if device == "cuda":
+        sharding, ranks = "accelerator", f"{nproc} CUDA ranks (NCCL)"
+        by = "accelerate's Accelerator.prepare(model, optimizer), one training step"
+    else:
+        ranks = f"{nproc} CPU ranks"
+        by = "accelerate's fsdp2_prepare_model" if sharding == "accelerate" else "FSDP2 broadcast from rank 0"
     tmp = tempfile.mkdtemp(prefix="hf_fsdp_loadfix_check_")
-    report = {"hf_fsdp_loadfix": __version__, "stack": stack, "model": model, "nproc": nproc, "load_dtype": dtype,
-              "runs": {}}
+    report = {"hf_fsdp_loadfix": __version__, "stack": stack, "model": model, "device": device, "nproc": nproc,
+              "load_dtype": dtype, "runs": {}}
     try:
         steps = 2 if model else 3
         if model is None:
@@ -184,14 +254,14 @@ def check(model: str | None = None, nproc: int = 2, dtype: str = "float32", as_j
             report["build_s"] = round(time.perf_counter() - t0, 2)
             say(f"{report['model_params'] / 1e6:.1f}M parameters, {report['build_s']:.1f} s")
         fsdp_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "HF_HUB_OFFLINE": "1"}
-        by = "accelerate's fsdp2_prepare_model" if sharding == "accelerate" else "FSDP2 broadcast from rank 0"
+        argv = ["-m", "hf_fsdp_loadfix._worker", "--ckpt", model, "--dtype", dtype, "--shard",
+                "native" if sharding == "native" else "accelerate"] + (["--device", "cuda"] if device == "cuda" else [])
         # patched first: a checkpoint the package rejects ends the check before upstream is tried
         for step, (name, env) in enumerate((("patched", {}), ("upstream", {"HF_FSDP_LOADFIX": "0"})), steps - 1):
             t0 = time.perf_counter()
-            say(f"[{step}/{steps}] {name}: {nproc} CPU ranks load as {dtype}, {by} ... ", end="")
-            outputs, results = _worker.launch(["-m", "hf_fsdp_loadfix._worker", "--ckpt", model, "--dtype", dtype,
-                                               "--shard", sharding], os.path.join(tmp, name), nproc=nproc,
-                                              env={**fsdp_env, **env}, timeout=3600)
+            say(f"[{step}/{steps}] {name}: {ranks} load as {dtype}, {by} ... ", end="")
+            outputs, results = _worker.launch(argv, os.path.join(tmp, name), nproc=nproc, env={**fsdp_env, **env},
+                                              timeout=3600)
             wall_s = round(time.perf_counter() - t0, 2)
             say(f"{wall_s:.1f} s")
             rejected = {i: line.split("hf_fsdp_loadfix: ", 1)[1] for i, (rc, text) in enumerate(outputs) if rc
@@ -227,9 +297,9 @@ def _table(report: dict) -> str:
     rows = list(dict.fromkeys([*columns[0], *columns[1]])) + ["contract"]
     for cells, run in zip(columns, (up, fixed)):
         cells["contract"] = "FAIL" if run["failures"] else "PASS"
-    width = max(map(len, rows))
-    lines = [f"{'':{width}}  {head[0]:30}  {head[1]}"]
-    lines += [f"{row:{width}}  {columns[0].get(row, '-'):30}  {columns[1].get(row, '-')}" for row in rows]
+    width, left = max(map(len, rows)), max(30, *map(len, columns[0].values()))
+    lines = [f"{'':{width}}  {head[0]:{left}}  {head[1]}"]
+    lines += [f"{row:{width}}  {columns[0].get(row, '-'):{left}}  {columns[1].get(row, '-')}" for row in rows]
     looks_flat = all("devices" in r and r["devices"] != ["meta"] and r["rss_peak_mb"] <= PEAK_LIMIT_MB
                      for r in up["ranks"][1:])
     if looks_flat and report["load_dtype"] != "float32" and not report["stack"]["transformers"].startswith("4."):

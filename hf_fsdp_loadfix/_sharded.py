@@ -115,8 +115,8 @@ def source_of(model):
     (None, None)."""
     if not isinstance(model, torch.nn.Module):
         return None, None
-    return next(((m, getattr(m, SHARDED)) for m in model.modules() if getattr(m, SHARDED, None) is not None),
-                (None, None))
+    # vars(), not getattr: peft's wrappers forward attribute reads to the model they wrap
+    return next(((m, vars(m)[SHARDED]) for m in model.modules() if vars(m).get(SHARDED) is not None), (None, None))
 
 
 def record_loaded(model) -> None:

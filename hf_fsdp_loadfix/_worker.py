@@ -1,14 +1,14 @@
 """One rank of an FSDP cpu-ram-efficient load, as ``hf-fsdp-loadfix check`` and the benchmarks run it.
 
     python -m hf_fsdp_loadfix._worker --ckpt DIR --out DIR [--dtype float32] [--load-only | --shard accelerate
-        [--mixed-precision bf16]] [--prepare-only]
+        [--mixed-precision bf16]] [--prepare-only] [--device cuda]
 
 ``from_pretrained`` under transformers' FSDP gate with the peak anonymous RSS sampled from /proc, then (unless
 ``--load-only``) FSDP2 sharding with the broadcast from rank 0 (torch's ``fully_shard`` + ``set_model_state_dict(
 broadcast_from_rank0=True)``, or accelerate's own ``fsdp2_prepare_model``), the full state dict compared bitwise
 with the checkpoint file, and a forward pass (``--prepare-only``: the peak over load and sharding, and the sharding's
-time, nothing compared). Writes ``rank<N>.json`` into ``--out``.
-:func:`launch` starts N such processes with the variables torchrun would set.
+time, nothing compared; ``--device cuda``: see the section of that name below). Writes ``rank<N>.json`` into
+``--out``. :func:`launch` starts N such processes with the variables torchrun would set.
 """
 
 import argparse
@@ -235,15 +235,15 @@ def compare_to_checkpoint(full: dict, ckpt: str) -> dict:
     return {"checkpoint_keys_compared": compared, "mismatch_vs_checkpoint": sorted(mismatch)}
 
 
-def forward(model):
-    """Logits of a fixed 8-token input (``decoder_input_ids`` too for encoder-decoders), as float32."""
+def forward(model, device="cpu", grad=False):
+    """Logits of a fixed 8-token input (``decoder_input_ids`` too for encoder-decoders) on ``device``, as float32."""
     import torch
 
     cfg = model.config
     vocab = getattr(cfg, "vocab_size", None) or getattr(cfg.get_text_config(), "vocab_size", 100)
-    ids = torch.arange(1, 9).reshape(1, 8) % vocab
+    ids = (torch.arange(1, 9).reshape(1, 8) % vocab).to(device)
     kwargs = {"decoder_input_ids": ids} if cfg.is_encoder_decoder else {}
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         out = model(input_ids=ids, **kwargs)
     return (out.logits if getattr(out, "logits", None) is not None else out[0]).float()
 
@@ -256,6 +256,55 @@ def init_rank() -> int:
     os.environ.setdefault("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
     dist.init_process_group("gloo")
     return dist.get_rank()
+
+
+# --device cuda: accelerate's real Accelerator, one GPU per rank (NCCL), prepare(model, optimizer), a training step
+
+
+def rank_device(device: str, local_rank: int) -> str:
+    """A rank's device: the GPU of its local rank (``launch`` starts local ranks 0..N-1, one per GPU), or the CPU."""
+    return f"cuda:{local_rank}" if device == "cuda" else "cpu"
+
+
+def gpu_accelerator():
+    """``Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True))``
+    (decoder layers wrapped, as ``accelerate launch`` configs do), made before ``from_pretrained`` as a training script
+    makes it: its NCCL process group, on this rank's GPU."""
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    os.environ.setdefault("ACCELERATE_USE_FSDP", "true")
+    accelerator = Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(
+        fsdp_version=2, cpu_ram_efficient_loading=True, auto_wrap_policy="transformer_based_wrap"))
+    want = rank_device("cuda", int(os.environ["LOCAL_RANK"]))
+    if accelerator.distributed_type.name != "FSDP" or str(accelerator.device) != want:
+        raise RuntimeError(f"--device cuda: accelerate runs {accelerator.distributed_type.name} on "
+                           f"{accelerator.device}, not FSDP on {want}")
+    return accelerator
+
+
+def gpu_prepare(accelerator, model):
+    """``accelerator.prepare(model, optimizer)`` with an AdamW built on the loaded parameters (meta off rank 0), as the
+    Trainer builds it for FSDP2; then how many of the prepared model's parameters the optimizer holds."""
+    import torch
+
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    held = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    params = {id(p) for p in model.parameters()}
+    return model, optimizer, {"device": str(accelerator.device), "optimizer_params": len(held),
+                              "model_params": len(params), "optimizer_model_params": len(set(held) & params)}
+
+
+def gpu_train_step(accelerator, model, optimizer) -> dict:
+    """One AdamW step on the fixed input, the mean square of the logits as the loss: the loss, or the error."""
+    try:
+        loss = forward(model, accelerator.device, grad=True).square().mean()
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        return {"train_loss": loss.item()}
+    except Exception as err:  # reported as a failure of the check
+        return {"train_error": f"{type(err).__name__}: {err}"}
 
 
 def finish(result: dict, out: str) -> None:
@@ -277,10 +326,12 @@ def main():
     p.add_argument("--shard", default="native", choices=["native", "accelerate"])
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="--shard accelerate's")
     p.add_argument("--prepare-only", action="store_true", help="measure the load and the sharding, compare nothing")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: the section of that name above")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    rank = init_rank()
+    accelerator = gpu_accelerator() if args.device == "cuda" else None
+    rank = accelerator.process_index if accelerator else init_rank()
     import torch
     import torch.distributed as dist
     import transformers
@@ -301,7 +352,10 @@ def main():
     if not args.load_only:
         t0 = time.perf_counter()
         with counted_broadcasts() as sent:
-            if args.shard == "accelerate":
+            if accelerator:
+                model, optimizer, held = gpu_prepare(accelerator, model)
+                result.update(held)
+            elif args.shard == "accelerate":
                 model = shard_accelerate(model, rank, args.mixed_precision)
             else:
                 model = shard_native(model, rank)
@@ -312,10 +366,12 @@ def main():
         result.update(compare_to_checkpoint(full, args.ckpt))
         result["state_digest"] = hashlib.sha1("".join(k + digest(full[k]) for k in sorted(full)).encode()).hexdigest()
         try:
-            logits = forward(model)
+            logits = forward(model, accelerator.device if accelerator else "cpu")
             result.update(logits_digest=digest(logits), logits_nan=bool(torch.isnan(logits).any()))
         except Exception as err:  # a model whose forward needs more than input_ids
             result["logits_error"] = f"{type(err).__name__}: {err}"
+        if accelerator and "logits_error" not in result:
+            result.update(gpu_train_step(accelerator, model, optimizer))
     finish(result, args.out)
 
 

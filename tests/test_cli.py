@@ -116,21 +116,226 @@ def test_check_passes_with_the_patch():
     assert "[2/3] patched" in proc.stderr and "[3/3] upstream" in proc.stderr  # progress while it runs
 
 
-def test_check_reports_the_failure_without_the_patch(checkpoints):
-    """The check must be able to fail: with the package disabled, both columns are upstream's. A bf16 load (no
-    cast) of this tiny model looks flat upstream, and the table says why."""
-    proc = cli("check", "--model", checkpoints("llama"), "--nproc", "3", "--dtype", "bfloat16", module=True,
-               env={"HF_FSDP_LOADFIX": "0"}, timeout=600)
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    contract = next(line for line in proc.stdout.splitlines() if line.startswith("contract"))
+def clean_env(monkeypatch):
+    """This process's environment as ``cli`` gives the command's."""
+    for k in [*os.environ]:
+        if k in GATE or k.startswith("HF_FSDP_LOADFIX"):
+            monkeypatch.delenv(k)
+
+
+def test_check_reports_the_failure_without_the_patch(checkpoints, monkeypatch, capsys):
+    """The check must be able to fail: its ranks run with the package disabled (HF_FSDP_LOADFIX=0 in the ranks only:
+    the command refuses it), so both columns are upstream's. A bf16 load (no cast) of this tiny model looks flat
+    upstream, and the table says why."""
+    from hf_fsdp_loadfix import _check, _worker
+
+    clean_env(monkeypatch)
+    launch = _worker.launch
+    monkeypatch.setattr(_worker, "launch", lambda argv, out, env=None, **kw: launch(
+        argv, out, env={**(env or {}), "HF_FSDP_LOADFIX": "0"}, **kw))
+    assert _check.check(checkpoints("llama"), 3, "bfloat16", device="cpu") == 1
+    out = capsys.readouterr().out
+    contract = next(line for line in out.splitlines() if line.startswith("contract"))
     assert contract.split()[1:] == ["FAIL", "FAIL"]
-    assert "The patch is not applied: disabled by HF_FSDP_LOADFIX=0" in proc.stdout
+    assert "The patch is not applied: disabled by HF_FSDP_LOADFIX=0" in out
     for rank in (1, 2):
-        assert f"rank {rank}: parameters and persistent buffers on cpu, not meta" in proc.stdout
-    assert "FAIL: the contract does not hold" in proc.stdout
+        assert f"rank {rank}: parameters and persistent buffers on cpu, not meta" in out
+    assert "FAIL: the contract does not hold" in out
     note = "(upstream's ranks 1+ look flat: without a dtype cast they read the checkpoint memory-mapped, and file " \
            "pages are not anonymous memory)"
-    assert (note in proc.stdout.splitlines()) == (not transformers.__version__.startswith("4."))
+    assert (note in out.splitlines()) == (not transformers.__version__.startswith("4."))
+
+
+def test_check_refuses_at_once_when_disabled():
+    """HF_FSDP_LOADFIX=0: the patched run would be upstream too; one line naming the variable, exit 2, no rank."""
+    proc = cli("check", env={"HF_FSDP_LOADFIX": "0"}, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == ["error: hf_fsdp_loadfix is disabled by HF_FSDP_LOADFIX=0, so the check would "
+                                        "compare upstream with itself; unset HF_FSDP_LOADFIX to run it"]
+    js = cli("check", "--json", env={"HF_FSDP_LOADFIX": "0"}, module=True, timeout=60)
+    assert js.returncode == 2 and "HF_FSDP_LOADFIX=0" in json.loads(js.stdout)["error"]
+
+
+def test_check_nproc_at_least_2():
+    """--help says it; the error is check's own (its usage line), exit 2."""
+    assert "at least 2" in " ".join(cli("check", "--help").stdout.split())
+    for value, error in (("1", "must be at least 2 (rank 0 and a rank that loads nothing), not 1"),
+                         ("two", "'two' is not an integer")):
+        proc = cli("check", "--nproc", value)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.startswith("usage: hf-fsdp-loadfix check "), proc.stderr
+        assert proc.stderr.splitlines()[-1] == f"hf-fsdp-loadfix check: error: argument --nproc: {error}"
+
+
+def test_help_is_plain_text():
+    """No reST markup (``literal``, :role:) in any --help."""
+    for args in (["--help"], ["status", "--help"], ["check", "--help"]):
+        proc = cli(*args)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage: hf-fsdp-loadfix"), proc.stderr
+        assert "``" not in proc.stdout and ":func:" not in proc.stdout and ":class:" not in proc.stdout, proc.stdout
+    assert "python -m hf_fsdp_loadfix" in " ".join(cli("--help").stdout.split())
+
+
+def test_status_says_why_it_takes_seconds():
+    """One line on stderr before the imports; --json's stdout stays JSON."""
+    proc = cli("status", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["applied"]
+    assert proc.stderr.splitlines()[0] == ("hf-fsdp-loadfix status: importing transformers and accelerate to see "
+                                           "what a training process gets ...")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate's switches")
+def test_status_names_the_variable_that_disabled_it():
+    """Each line names the one variable that is set, never 'A or B'; accelerate's prepare wrapper has its line."""
+    off = cli("status", env={"HF_FSDP_LOADFIX": "0"}).stdout
+    for line in ("accelerate fix:  ", "rank-0 stream:   ", "accelerate prepare: "):
+        assert f"{line}disabled by HF_FSDP_LOADFIX=0\n" in off, off
+    accel = cli("status", env={"HF_FSDP_LOADFIX_ACCELERATE": "0"}).stdout
+    assert "accelerate fix:  disabled by HF_FSDP_LOADFIX_ACCELERATE=0\n" in accel, accel
+    assert "rank-0 stream:   disabled by HF_FSDP_LOADFIX_ACCELERATE=0\n" in accel
+    assert "accelerate prepare: applied\n" in accel and f"patch:           applied ({CLASS})" in accel
+    assert " or HF_FSDP_LOADFIX" not in off + accel
+    from hf_fsdp_loadfix import _check  # check's table: the column says which switch turned accelerate's fix off
+
+    run = {"ranks": [{"error": "x"}], "accelerate_fix": "disabled by HF_FSDP_LOADFIX_ACCELERATE=0"}
+    assert _check._cells({**run, "sharding": "accelerate"})["FSDP2 sharding + broadcast"] == \
+        "accelerate, fix off (HF_FSDP_LOADFIX_ACCELERATE=0)"
+    assert _check._cells({**run, "sharding": "accelerator", "accelerate_fix": "applied"})[
+        "FSDP2 sharding + broadcast"] == "Accelerator.prepare, fix applied"
+
+
+# --device cuda, on this CPU machine: the choice of path, the launch, the rank-to-GPU mapping, the report
+
+
+@pytest.mark.parametrize("device,nproc,gpus,sharding,expected", [
+    (None, None, 0, "accelerate", ("cpu", 2, None)),
+    (None, 3, 0, "accelerate", ("cpu", 3, None)),
+    (None, None, 1, "accelerate", ("cpu", 2, "one CUDA GPU: --device cuda needs 2 or more (one rank per GPU); "
+                                              "running on CPU ranks")),
+    (None, None, 4, "accelerate", ("cuda", 4, None)),
+    (None, 2, 4, "accelerate", ("cuda", 2, None)),
+    ("cpu", None, 4, "accelerate", ("cpu", 2, None)),
+    ("cuda", None, 2, "accelerate", ("cuda", 2, None)),
+    (None, None, 2, "native", ("cpu", 2, "2 CUDA GPUs, but --device cuda needs accelerate >= 1.6; running on CPU "
+                                         "ranks")),
+    ("cuda", None, 1, "accelerate", "--device cuda needs 2 or more CUDA GPUs (one rank per GPU); this machine has 1"),
+    ("cuda", 5, 4, "accelerate", "--nproc 5 is more than the 4 CUDA GPUs (one rank per GPU)"),
+    ("cuda", None, 2, "native", "--device cuda runs accelerate's Accelerator.prepare with FSDP2: install accelerate "
+                                ">= 1.6"),
+])
+def test_check_device_plan(device, nproc, gpus, sharding, expected):
+    from hf_fsdp_loadfix._check import CannotRun, plan
+
+    if isinstance(expected, str):
+        with pytest.raises(CannotRun) as err:
+            plan(device, nproc, gpus, sharding)
+        assert str(err.value) == expected
+    else:
+        assert plan(device, nproc, gpus, sharding) == expected
+
+
+class Launched(Exception):
+    pass
+
+
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="--device cuda runs accelerate")
+@pytest.mark.parametrize("gpus", [1, 2, 3])
+def test_check_launches_one_rank_per_gpu(tmp_path, monkeypatch, capsys, gpus):
+    """torch's GPU count faked: 2 or more start that many NCCL ranks of the worker's --device cuda; one says so and
+    starts the CPU ranks."""
+    import torch
+
+    from hf_fsdp_loadfix import _check, _worker
+
+    clean_env(monkeypatch)
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_text("{}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    launched = []
+
+    def launch(argv, out, nproc, env, timeout):
+        launched.append((argv, nproc, env))
+        raise Launched
+
+    monkeypatch.setattr(_worker, "launch", launch)
+    with pytest.raises(Launched):
+        _check.check(str(tmp_path))
+    (argv, nproc, env), err = launched[0], capsys.readouterr().err
+    assert argv[:2] == ["-m", "hf_fsdp_loadfix._worker"] and env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
+    if gpus == 1:
+        assert nproc == 2 and "--device" not in argv and "one CUDA GPU: --device cuda needs 2 or more" in err
+        assert "2 CPU ranks load as float32, accelerate's fsdp2_prepare_model" in err
+    else:
+        assert nproc == gpus and argv[-2:] == ["--device", "cuda"] and "--shard accelerate" in " ".join(argv)
+        assert (f"{gpus} CUDA ranks (NCCL) load as float32, accelerate's Accelerator.prepare(model, optimizer), one "
+                "training step") in err
+
+
+def test_launch_maps_local_ranks_to_gpus(tmp_path, monkeypatch):
+    """launch gives local ranks 0..N-1 (RANK on a second node offset by N); the worker's GPU is its local rank's."""
+    from hf_fsdp_loadfix import _worker
+
+    started = []
+
+    class Proc:
+        returncode = 0
+
+        def __init__(self, cmd, env, **kwargs):
+            started.append((cmd, env))
+
+        def communicate(self, timeout=None):
+            return "", None
+
+        def kill(self):
+            pass
+
+    monkeypatch.setattr(_worker.subprocess, "Popen", Proc)
+    outputs, results = _worker.launch(["-m", "hf_fsdp_loadfix._worker", "--device", "cuda"], tmp_path, nproc=3,
+                                      node_rank=1, nnodes=2)
+    assert outputs == [(0, "")] * 3 and results == [None] * 3
+    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for _, e in started] == [("3", "0", "6"), ("4", "1", "6"),
+                                                                                  ("5", "2", "6")]
+    assert [_worker.rank_device("cuda", int(e["LOCAL_RANK"])) for _, e in started] == ["cuda:0", "cuda:1", "cuda:2"]
+    assert _worker.rank_device("cpu", 2) == "cpu"
+    assert started[0][0][-4:] == ["--device", "cuda", "--out", str(tmp_path)]
+
+
+def gpu_rank(rank: int, **changes) -> dict:
+    """What a --device cuda rank writes (the fields check reads), as it writes it when all is well."""
+    return {"rank": rank, "status": {"applied": True, "class": CLASS, "accelerate_fix": "applied"},
+            "state": {"w": {"device": "cpu" if rank == 0 else "meta", "shape": [4], "dtype": "torch.float32"}},
+            "non_persistent": {}, "tied": False, "rss_peak_delta_kb": 512, "load_s": 0.1, "persistent_buffers": [],
+            "checkpoint_keys_compared": 1, "mismatch_vs_checkpoint": [], "state_digest": "s", "logits_digest": "l",
+            "logits_nan": False, "device": f"cuda:{rank}", "optimizer_params": 3, "model_params": 3,
+            "optimizer_model_params": 3, "train_loss": 0.25, **changes}
+
+
+def test_check_reports_the_gpu_rows():
+    """The rows a --device cuda run adds, and the failures: an optimizer that lost parameters in prepare, a step
+    that raised or gave a non-finite loss."""
+    from hf_fsdp_loadfix._check import _cells, _ranks, evaluate
+
+    ok = [(0, "")] * 2
+    good = [gpu_rank(0), gpu_rank(1)]
+    assert evaluate(ok, good) == []
+    cells = _cells({"ranks": _ranks(ok, good), "accelerate_fix": "applied", "sharding": "accelerator"})
+    assert cells["ranks on GPUs"] == "cuda:0, cuda:1" and cells["prepare: optimizer holds every parameter"] == "yes"
+    assert cells["one training step, finite loss"] == "yes"
+    bad = [gpu_rank(0, train_loss=float("nan")), gpu_rank(1, optimizer_model_params=1)]
+    assert evaluate(ok, bad) == [
+        "rank 0: the training step's loss is nan",
+        "rank 1: after prepare(model, optimizer) the optimizer holds 1 of the model's 3 parameters in 3 entries: a "
+        "training step does not train the others"]
+    ranks = _ranks(ok, bad)
+    assert ranks[0]["train_loss"] is None and ranks[1]["optimizer_holds_params"] is False
+    json.dumps(ranks, allow_nan=False)  # check --json stays strict JSON
+    cells = _cells({"ranks": ranks, "accelerate_fix": "applied", "sharding": "accelerator"})
+    assert cells["prepare: optimizer holds every parameter"] == cells["one training step, finite loss"] == "no"
+    raised = [gpu_rank(0), gpu_rank(1, train_error="RuntimeError: boom")]
+    del raised[1]["train_loss"]
+    assert evaluate(ok, raised) == ["rank 1: the training step raised RuntimeError: boom"]
+    assert _ranks(ok, raised)[1]["train_error"] == "RuntimeError: boom"
 
 
 @pytest.mark.parametrize("model,error", [

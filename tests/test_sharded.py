@@ -141,3 +141,15 @@ def test_public_fill_shards_on_torch_native_fully_shard(checkpoints, tmp_path):
             assert r["checkpoint_keys_compared"] > 0 and r["mismatch_vs_checkpoint"] == []
             assert r["logits"] == r["logits_plain"] == got[0]["logits"]
             assert r["shard_on_read"]["keys_sliced"] > 0
+
+
+def test_accelerate_shard_on_read_with_peft_lora_is_one_clear_error(checkpoints, tmp_path):
+    """LoRA adapters added after a shard-on-read load have no source on any rank (every base is on meta): every rank
+    raises one error naming the cause and the fix, instead of a meta-tensor crash or a hang."""
+    require_accelerate_on_cpu()
+    outputs, _ = run_ranks(["--stream-case", "lora", "llama", checkpoints("llama"), "--vary", "HF_FSDP_LOADFIX_SOURCE",
+                            "--stream", "sharded"], tmp_path, timeout=120)
+    for rc, text in outputs:
+        assert rc != 0 and "hf_fsdp_loadfix: shard-on-read cannot fill" in text, text[-3000:]
+        assert "q_proj.lora_A" in text or "base_layer" in text
+        assert "Set HF_FSDP_LOADFIX_SOURCE=local for this job" in text

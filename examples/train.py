@@ -1,0 +1,105 @@
+"""A few training steps under FSDP2 with cpu_ram_efficient_loading, loaded through hf_fsdp_loadfix.
+
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/train.py [--model DIR]   # GPUs
+    torchrun --nproc_per_node 2 examples/train.py --cpu [--model DIR]                                  # CPU, gloo
+
+Without a checkpoint in --model a tiny bf16 Llama is built there locally (no download). Every rank prints where its
+parameters are after from_pretrained (rank 0: cpu; the other ranks: meta with the package, cpu without it), then
+rank 0 prints the loss of each step, averaged over the ranks. --out DIR also writes rank<N>.json.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+
+import hf_fsdp_loadfix  # noqa: F401  (the startup hook has already imported it where the package is installed)
+import torch
+import torch.distributed as dist
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+
+
+def build_tiny_llama(path):
+    config = AutoConfig.for_model("llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
+
+
+def shard_on_cpu(model):
+    """What accelerate's FSDP2 prepare does with cpu_ram_efficient_loading, with torch's own functions."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    full_state = model.state_dict() if dist.get_rank() == 0 else {}  # the other ranks hold meta tensors
+    hf_fsdp_loadfix.wait_for_rank0()  # before the first collective: rank 0 may still be reading the checkpoint
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model.tie_weights()  # point tied aliases at the sharded parameter (a no-op for untied models)
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=os.path.join(tempfile.gettempdir(), f"tiny-llama-{transformers.__version__}"))
+    p.add_argument("--cpu", action="store_true", help="torch's FSDP2 on gloo (accelerate runs DDP on CPU)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", help="write rank<N>.json (losses, devices after from_pretrained) into this directory")
+    args = p.parse_args()
+    cpu = args.cpu or not torch.cuda.is_available()
+
+    if cpu:  # what accelerate launch + Accelerator() set up on GPUs
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
+        dist.init_process_group("gloo")
+        device, barrier, backward = torch.device("cpu"), dist.barrier, torch.Tensor.backward
+    else:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()  # FSDP2, bf16 mixed precision, cpu_ram_efficient_loading from the config file
+        device, barrier, backward = accelerator.device, accelerator.wait_for_everyone, accelerator.backward
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.exists(os.path.join(args.model, "config.json")):
+        build_tiny_llama(args.model)
+    barrier()  # the last collective before from_pretrained; the next one waits for rank 0's load
+
+    # the process group is up and both FSDP variables are set: only local rank 0 reads the weights
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32 if cpu else torch.bfloat16)
+    devices = sorted({t.device.type for t in model.state_dict().values()})
+    print(f"rank {rank}: parameters on {'|'.join(devices)} after from_pretrained", flush=True)
+
+    if cpu:
+        model = shard_on_cpu(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    else:  # accelerate wants model and optimizer together; it shards the model and broadcasts rank 0's weights
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model, optimizer = accelerator.prepare(model, optimizer)
+
+    data = torch.randint(0, model.config.vocab_size, (4 * world, 32), generator=torch.Generator().manual_seed(0))
+    batch = data[rank::world].to(device)  # each rank its own rows of a tiny fixed dataset
+    losses = []
+    for step in range(args.steps):
+        loss = model(input_ids=batch, labels=batch).loss
+        backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append((mean / world).item())
+        if rank == 0:
+            print(f"step {step}: loss {losses[-1]!r}", flush=True)
+
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+            json.dump({"rank": rank, "devices_after_from_pretrained": devices, "losses": losses,
+                       "transformers": transformers.__version__, "patched": hf_fsdp_loadfix.status()["applied"]}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
