@@ -26,8 +26,9 @@ LOAD_PATH = ["tests/test_contract.py", "tests/test_field.py", "tests/test_fail_t
 ONE_INTERPRETER = ["tests/test_gate.py", "tests/test_startup.py", "tests/test_cli.py"]
 OFF_PATH = "tests/test_offpath.py"  # DDP under the FSDP variables, native DistributedConfig, FSDP1/HSDP, long loads
 SHARDED = "tests/test_sharded.py"  # HF_FSDP_LOADFIX_SOURCE=sharded against the default path
+EXAMPLE = "tests/test_example.py"  # examples/train.py on CPU, and its accelerate branch
 WHOLE = [["-n", "2", *ONE_INTERPRETER],
-         [*LOAD_PATH[:-1], "tests/test_beyond.py", "tests/test_stream.py", OFF_PATH, SHARDED]]
+         [*LOAD_PATH[:-1], "tests/test_beyond.py", "tests/test_stream.py", OFF_PATH, SHARDED, EXAMPLE]]
 # every test that goes through accelerate outside the load path
 ACCELERATE_TESTS = ["-k", "accelerate", "tests/test_gate.py", "tests/test_beyond.py", "tests/test_stream.py"]
 # one environment per behaviour class (hf_fsdp_loadfix/versions.py): release -> (extra pins, pytest runs).
@@ -84,7 +85,8 @@ def tests(session, release):
 def newest(session):
     """The load path, the rank-0 stream and the off-path setups on the newest torch, transformers, accelerate and peft on the index: CI
     tries each new upstream release the next time it runs."""
-    _run(session, "torch", "transformers", "accelerate", "peft", runs=[[*LOAD_PATH, "tests/test_stream.py", OFF_PATH, SHARDED]])
+    _run(session, "torch", "transformers", "accelerate", "peft",
+         runs=[[*LOAD_PATH, "tests/test_stream.py", OFF_PATH, SHARDED, EXAMPLE]])
 
 
 @nox.session(name="torch-2.15")
