@@ -83,8 +83,8 @@ def tests(session, release):
 
 @nox.session
 def newest(session):
-    """The load path, the rank-0 stream and the off-path setups on the newest torch, transformers, accelerate and peft on the index: CI
-    tries each new upstream release the next time it runs."""
+    """The load path, the rank-0 stream, the off-path setups, shard-on-read and the example on the newest torch,
+    transformers, accelerate and peft on the index: CI tries each new upstream release the next time it runs."""
     _run(session, "torch", "transformers", "accelerate", "peft",
          runs=[[*LOAD_PATH, "tests/test_stream.py", OFF_PATH, SHARDED, EXAMPLE]])
 

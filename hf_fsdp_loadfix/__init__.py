@@ -228,7 +228,8 @@ def _disabled() -> str | None:
 
 def _on_accelerate_import(fsdp_utils) -> None:
     """The wait for rank 0 around ``fsdp2_prepare_model`` whenever the package is on (the transformers patch leaves
-    meta weights whatever the accelerate switch says); the #3898 fix and the stream unless HF_FSDP_LOADFIX_ACCELERATE=0."""
+    meta weights whatever the accelerate switch says); the #3898 fix and the stream unless
+    HF_FSDP_LOADFIX_ACCELERATE=0."""
     from . import _accelerate, _stream
 
     with _lock:

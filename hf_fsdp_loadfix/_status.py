@@ -41,10 +41,10 @@ def traps() -> list[str]:
                      "non-local-rank-0, so no process loads the weights (launch with torchrun or accelerate launch)")
     accelerate = _accelerate_type()
     if efficient and use_fsdp and accelerate not in (None, "FSDP"):
-        found.append(f"accelerate runs {accelerate}, not FSDP, but ACCELERATE_USE_FSDP and FSDP_CPU_RAM_EFFICIENT_LOADING "
-                     "are set: a from_pretrained off local rank 0 leaves the weights on meta. accelerator.prepare(model) "
-                     "fills them from rank 0; a model used before that raises. Unset the variables (or "
-                     "FSDP_CPU_RAM_EFFICIENT_LOADING=false) when not training with FSDP")
+        found.append(f"accelerate runs {accelerate}, not FSDP, but ACCELERATE_USE_FSDP and "
+                     "FSDP_CPU_RAM_EFFICIENT_LOADING are set: a from_pretrained off local rank 0 leaves the weights on "
+                     "meta. accelerator.prepare(model) fills them from rank 0; a model used before that raises. Unset "
+                     "the variables (or FSDP_CPU_RAM_EFFICIENT_LOADING=false) when not training with FSDP")
     if local is not None and not local.strip().lstrip("-").isdigit():
         found.append(f"LOCAL_RANK={local!r} is not an integer: transformers raises ValueError in from_pretrained")
     return found

@@ -115,8 +115,8 @@ def _params_to_meta(model) -> None:
 
 
 def prepare_model(wrapped, instance, args, kwargs):
-    """Inside the ``fsdp2_prepare_model`` wrapper (``_accelerate.prepare_fsdp2``): rank 0's parameters go to meta before accelerate sees them (their loaded
-    tensors are kept aside for the streaming load below), on every rank."""
+    """Inside the ``fsdp2_prepare_model`` wrapper (``_accelerate.prepare_fsdp2``): rank 0's parameters go to meta
+    before accelerate sees them (their loaded tensors are kept aside for the streaming load below), on every rank."""
 
     def call(accelerator, model, *rest, **kw):
         if not _config.stream() or _static_skip(accelerator, model):

@@ -56,9 +56,10 @@ def wait_for_rank0(model=None) -> None:
             if store.check([key]):
                 return
         except Exception as err:  # noqa: BLE001 - rank 0's store gone: the job is over
+            first = str(err).splitlines()[0] if str(err) else repr(err)  # torch appends C++ frames to the message
             raise RuntimeError(
                 f"hf_fsdp_loadfix: rank {rank} lost the job's store while waiting for rank 0 to finish loading "
-                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else err!r}); rank 0 has most likely failed: see its output") from None
+                f"({type(err).__name__}: {first}); rank 0 has most likely failed: see its output") from None
         now = time.monotonic()
         if now - start > deadline:
             raise TimeoutError(
