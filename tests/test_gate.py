@@ -225,12 +225,25 @@ def test_disable_switch():
 
 @pytest.mark.parametrize("var", ["HF_FSDP_LOADFIX", "HF_FSDP_LOADFIX_FORCE", "HF_FSDP_LOADFIX_STRICT",
                                  "HF_FSDP_LOADFIX_ACCELERATE", "HF_FSDP_LOADFIX_STREAM",
-                                 "HF_FSDP_LOADFIX_BUFFERS", "HF_FSDP_LOADFIX_SOURCE"])
+                                 "HF_FSDP_LOADFIX_BUFFERS", "HF_FSDP_LOADFIX_SOURCE", "HF_FSDP_LOADFIX_WAIT"])
 def test_junk_env_value_is_a_clear_error(var):
     rc, _, err = py("import hf_fsdp_loadfix; import transformers.modeling_utils", env={var: "maybe"})
     assert rc != 0 and f"environment variable {var}='maybe' is not" in err
     status = py_json("import hf_fsdp_loadfix; print(json.dumps(hf_fsdp_loadfix.status()))", env={var: "maybe"})
     assert var in status["reason"]
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "nan", "inf", "10 min"])
+def test_wait_deadline_must_be_a_positive_number_of_seconds(monkeypatch, raw):
+    from hf_fsdp_loadfix import _config
+
+    monkeypatch.setenv("HF_FSDP_LOADFIX_WAIT", raw)
+    with pytest.raises(ValueError, match=f"HF_FSDP_LOADFIX_WAIT='{raw}' is not a positive number of seconds"):
+        _config.wait_seconds()
+    monkeypatch.setenv("HF_FSDP_LOADFIX_WAIT", "90.5")
+    assert _config.wait_seconds() == 90.5
+    monkeypatch.delenv("HF_FSDP_LOADFIX_WAIT")
+    assert _config.wait_seconds() == 6 * 3600
 
 
 def test_double_apply_threads_and_revert():
