@@ -26,13 +26,13 @@ def local_slice(full, mesh, placements):
     return full[index]
 
 
-def as_target(local, target, cpu_offload=False):
-    """A ``target`` DTensor (meta) filled with ``local``: cast to the target's dtype (copied, so no view of a
-    checkpoint buffer survives), contiguous where the target is, on CPU under ``cpu_offload``, as accelerate 1.14's
-    ``fsdp2_load_full_state_dict`` makes it."""
+def as_target(local, target, cpu_offload=False, copy=True):
+    """A ``target`` DTensor (meta) filled with ``local``: cast to the target's dtype (copied unless ``copy=False``
+    says ``local`` is this rank's own memory already, so no view of a shared buffer survives), contiguous where the
+    target is, on CPU under ``cpu_offload``, as accelerate 1.14's ``fsdp2_load_full_state_dict`` makes it."""
     from torch.distributed.tensor import DTensor
 
-    local = local.to(target.dtype, copy=True)
+    local = local.to(target.dtype, copy=copy)
     if target.is_contiguous():
         local = local.contiguous()
     return DTensor.from_local(local.cpu() if cpu_offload else local, target.device_mesh, target.placements,

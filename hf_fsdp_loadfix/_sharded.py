@@ -154,14 +154,15 @@ def fill(model, device=None, cpu_offload=False) -> None:
                     handles[path] = safe_open(path, framework="pt")
                 tensor_slice = handles[path].get_slice(name)
                 loaded = source.loaded.get(key, target.dtype)
-                if isinstance(target, DTensor):
+                if isinstance(target, DTensor):  # get_slice reads into fresh memory: no copy beyond the casts
                     index = local_index(target.shape, target.device_mesh, target.placements)
-                    local = tensor_slice[index].to(loaded)
-                    value, sliced = as_target(local, target, cpu_offload), sliced + 1
+                    local = tensor_slice[index]
+                    value, sliced = as_target(local.to(loaded), target, cpu_offload, copy=False), sliced + 1
                 else:
-                    local = tensor_slice[:].to(loaded)
-                    value, whole = local.to(target.dtype).to(device or "cpu"), whole + 1
-                read += _bytes(tensor_slice, local)
+                    local = tensor_slice[:]
+                    value, whole = local.to(loaded).to(target.dtype).to(device or "cpu"), whole + 1
+                read += local.numel() * local.element_size()
+                del local
                 done[id(target)] = value
             filled[key] = done[id(target)]
     finally:
@@ -180,11 +181,3 @@ def fill(model, device=None, cpu_offload=False) -> None:
                 torch.utils.swap_tensors(target, torch.nn.Parameter(value, target.requires_grad) if is_param else value)
     last["shard_on_read"] = {"keys_sliced": sliced, "keys_whole": whole, "bytes_read": read,
                              "files": sorted(os.path.basename(p) for p in {p for p, _ in source.files.values()})}
-
-
-def _bytes(tensor_slice, local) -> int:
-    """Bytes this rank read for ``local``: its elements at the checkpoint's own dtype."""
-    return local.numel() * _DTYPE_SIZE.get(tensor_slice.get_dtype(), local.element_size())
-
-
-_DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
