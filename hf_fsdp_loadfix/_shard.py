@@ -28,7 +28,7 @@ def local_slice(full, mesh, placements):
 
 def as_target(local, target, cpu_offload=False, copy=True):
     """A ``target`` DTensor (meta) filled with ``local``: cast to the target's dtype (copied unless ``copy=False``
-    says ``local`` is this rank's own memory already, so no view of a shared buffer survives), contiguous where the
+    says ``local`` is this rank's own already, so no view of a reused receive buffer survives), contiguous where the
     target is, on CPU under ``cpu_offload``, as accelerate 1.14's ``fsdp2_load_full_state_dict`` makes it."""
     from torch.distributed.tensor import DTensor
 

@@ -154,7 +154,9 @@ def fill(model, device=None, cpu_offload=False) -> None:
                     handles[path] = safe_open(path, framework="pt")
                 tensor_slice = handles[path].get_slice(name)
                 loaded = source.loaded.get(key, target.dtype)
-                if isinstance(target, DTensor):  # get_slice reads into fresh memory: no copy beyond the casts
+                # get_slice gives this rank's rows as copy-on-write pages of the memory-mapped file (as native
+                # DistributedConfig shards are) or fresh memory: no copy beyond the casts
+                if isinstance(target, DTensor):
                     index = local_index(target.shape, target.device_mesh, target.placements)
                     local = tensor_slice[index]
                     value, sliced = as_target(local.to(loaded), target, cpu_offload, copy=False), sliced + 1
