@@ -98,6 +98,7 @@ def main():
         with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
             json.dump({"rank": rank, "devices_after_from_pretrained": devices, "losses": losses,
                        "transformers": transformers.__version__, "patched": hf_fsdp_loadfix.status()["applied"]}, f)
+    dist.barrier()  # every rank done before the group goes away
     dist.destroy_process_group()
 
 
