@@ -44,14 +44,21 @@ def _error_line(text: str) -> str:
     return next((line for line in reversed(lines) if re.match(r"[\w.]+(Error|Exception)\b", line)), lines[-1])
 
 
-def evaluate(outputs, results) -> list[str]:
-    """Every way the ranks' reports break the contract (empty: it holds)."""
+def evaluate(outputs, results, sharded: bool = False) -> list[str]:
+    """Every way the ranks' reports break the contract (empty: it holds). ``sharded`` (shard-on-read): rank 0 joins
+    the rules of the other ranks, and nothing may be broadcast."""
     failed = [f"rank {i} exited with status {rc}: {_error_line(text)}"
               for i, ((rc, text), r) in enumerate(zip(outputs, results)) if rc or r is None]
     if failed:
         return failed
     r0 = results[0]
-    for r in results[1:]:
+    if sharded:
+        used = r0["status"]["shard_on_read"]  # as from_pretrained left it: why it is not used, where it is not
+        if isinstance(used, str) and used.startswith("shard-on-read not used"):
+            failed.append(used)
+        failed += [f"rank {r['rank']}: {r['bytes_broadcast']} bytes broadcast under shard-on-read"
+                   for r in results if r.get("bytes_broadcast")]
+    for r in results if sharded else results[1:]:
         rank = f"rank {r['rank']}"
         devices = sorted({v["device"] for v in r["state"].values()})
         if devices != ["meta"]:
@@ -134,6 +141,7 @@ def _cells(run: dict) -> dict:
     rest = ranks[1:]
     cells.update({f"peak RSS in from_pretrained, rank {r['rank']}": f"+{r['rss_peak_mb']:.1f} MB" for r in ranks})
     cells["from_pretrained time, ranks 1+"] = f"{max(r['load_s'] for r in rest):.2f} s"
+    cells["rank 0: parameters on"] = ", ".join(ranks[0]["devices"])
     cells["ranks 1+: parameters on"] = ", ".join(sorted({d for r in rest for d in r["devices"]}))
     cells["ranks 1+: non-persistent buffers = rank 0's"] = yes[all(r["non_persistent_buffers_equal_rank0"]
                                                                    for r in rest)]
@@ -202,9 +210,10 @@ def plan(device: str | None, nproc: int | None, gpus: int, sharding: str) -> tup
 
 
 def check(model: str | None = None, nproc: int | None = None, dtype: str = "float32", as_json: bool = False,
-          device: str | None = None) -> int:
+          device: str | None = None, source: str = "local") -> int:
     """Run the check; print the table (or JSON); 0 if the contract holds with the patch, 1 if not. Raises
-    :class:`CannotRun` when it cannot run. ``device``/``nproc`` None: as :func:`plan` chooses."""
+    :class:`CannotRun` when it cannot run. ``device``/``nproc`` None: as :func:`plan` chooses. ``source``: the
+    patched run's HF_FSDP_LOADFIX_SOURCE (``sharded``: shard-on-read, rank 0 held to the same rules)."""
     from importlib import metadata
 
     from packaging.version import Version
@@ -243,7 +252,7 @@ def check(model: str | None = None, nproc: int | None = None, dtype: str = "floa
         by = "accelerate's fsdp2_prepare_model" if sharding == "accelerate" else "FSDP2 broadcast from rank 0"
     tmp = tempfile.mkdtemp(prefix="hf_fsdp_loadfix_check_")
     report = {"hf_fsdp_loadfix": __version__, "stack": stack, "model": model, "device": device, "nproc": nproc,
-              "load_dtype": dtype, "runs": {}}
+              "load_dtype": dtype, "source": source, "runs": {}}
     try:
         steps = 2 if model else 3
         if model is None:
@@ -257,7 +266,8 @@ def check(model: str | None = None, nproc: int | None = None, dtype: str = "floa
         argv = ["-m", "hf_fsdp_loadfix._worker", "--ckpt", model, "--dtype", dtype, "--shard",
                 "native" if sharding == "native" else "accelerate"] + (["--device", "cuda"] if device == "cuda" else [])
         # patched first: a checkpoint the package rejects ends the check before upstream is tried
-        for step, (name, env) in enumerate((("patched", {}), ("upstream", {"HF_FSDP_LOADFIX": "0"})), steps - 1):
+        runs = (("patched", {"HF_FSDP_LOADFIX_SOURCE": source}), ("upstream", {"HF_FSDP_LOADFIX": "0"}))
+        for step, (name, env) in enumerate(runs, steps - 1):
             t0 = time.perf_counter()
             say(f"[{step}/{steps}] {name}: {ranks} load as {dtype}, {by} ... ", end="")
             outputs, results = _worker.launch(argv, os.path.join(tmp, name), nproc=nproc, env={**fsdp_env, **env},
@@ -271,7 +281,7 @@ def check(model: str | None = None, nproc: int | None = None, dtype: str = "floa
                                 f"{', '.join(map(str, sorted(rejected)))}): {rejected[min(rejected)]}")
             status = next((r["status"] for r in results[1:] if r), None)
             report["runs"][name] = {
-                "wall_s": wall_s, "failures": evaluate(outputs, results),
+                "wall_s": wall_s, "failures": evaluate(outputs, results, name == "patched" and source == "sharded"),
                 "applied": bool(status and status["applied"]),
                 "patch": status and (status["class"] if status["applied"] else status["reason"]),
                 "accelerate_fix": status and status["accelerate_fix"], "sharding": sharding,

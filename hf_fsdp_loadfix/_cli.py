@@ -77,6 +77,9 @@ def main(argv=None) -> int:
                         "default otherwise")
     p.add_argument("--nproc", type=_nproc, help="number of ranks, at least 2 (default: 2 on the CPU, one per GPU "
                                                 "with --device cuda)")
+    p.add_argument("--source", default="local", choices=["local", "sharded"],
+                   help="the package's HF_FSDP_LOADFIX_SOURCE for the patched run (sharded: every rank, rank 0 "
+                        "included, reads only its own slices; nothing is broadcast)")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype to load as (default float32: a cast from the bf16 checkpoint)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
     from ._check import CannotRun, check
 
     try:
-        return check(args.model, args.nproc, args.dtype, args.json, args.device)
+        return check(args.model, args.nproc, args.dtype, args.json, args.device, args.source)
     except (CannotRun, ImportError, OSError, ValueError) as err:  # a bad --model, a rejected checkpoint, a junk value
         print(f"error: {err}", file=sys.stderr)
         if args.json:
