@@ -156,17 +156,12 @@ def test_accelerate_prepare_wait_ends_within_seconds_when_rank_0_fails(checkpoin
         in text1
 
 
-def test_fsdp1_hybrid_shard_on_two_simulated_nodes(checkpoints, tmp_path):
-    """HSDP over 2 "nodes" of 2 ranks (local rank 0 of each node loads; FSDP1 HYBRID_SHARD skips the buffer sync on
-    non-source nodes, pytorch#178569): on every rank of both nodes the gathered state equals the checkpoint, and
-    buffers, logits and the loss of one step equal node 0 rank 0's, which equal upstream's."""
-    require_accelerate_on_cpu()
+def two_nodes(args, out):
+    """``args`` on 2 simulated nodes of 2 ranks (LOCAL_RANK 0 and 1 on each); every rank's scenarios."""
     port, found = free_port(), {}
-    args = [OFFPATH, "--hsdp"] + [a for kind in ("llama", "root_buffer")
-                                  for a in ("--scenario", "fsdp1", kind, checkpoints(kind))]
 
     def node(n):
-        found[n] = launch(args, tmp_path, timeout=300, node_rank=n, nnodes=2, port=port)
+        found[n] = launch(args, out, timeout=300, node_rank=n, nnodes=2, port=port)
 
     threads = [threading.Thread(target=node, args=(n,)) for n in (0, 1)]
     for t in threads:
@@ -174,7 +169,16 @@ def test_fsdp1_hybrid_shard_on_two_simulated_nodes(checkpoints, tmp_path):
     for t in threads:
         t.join()
     _ok(found[0][0] + found[1][0])
-    results = [r["scenarios"] for r in found[0][1] + found[1][1]]
+    return [r["scenarios"] for r in found[0][1] + found[1][1]]
+
+
+def test_fsdp1_hybrid_shard_on_two_simulated_nodes(checkpoints, tmp_path):
+    """HSDP over 2 "nodes" of 2 ranks (local rank 0 of each node loads; FSDP1 HYBRID_SHARD skips the buffer sync on
+    non-source nodes, pytorch#178569): on every rank of both nodes the gathered state equals the checkpoint, and
+    buffers, logits and the loss of one step equal node 0 rank 0's, which equal upstream's."""
+    require_accelerate_on_cpu()
+    results = two_nodes([OFFPATH, "--hsdp"] + [a for kind in ("llama", "root_buffer")
+                                               for a in ("--scenario", "fsdp1", kind, checkpoints(kind))], tmp_path)
     for kind in ("llama", "root_buffer"):
         first = results[0][f"fsdp1:{kind}"]
         assert [r[f"fsdp1:{kind}"]["patched"]["devices"] for r in results] == [["cpu"], ["meta"], ["cpu"], ["meta"]]

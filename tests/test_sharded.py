@@ -8,7 +8,7 @@ import os
 
 import pytest
 from launch import require_accelerate_on_cpu, run_ranks
-from test_offpath import OFFPATH
+from test_offpath import OFFPATH, two_nodes
 
 from hf_fsdp_loadfix._worker import launch
 
@@ -153,3 +153,15 @@ def test_accelerate_shard_on_read_with_peft_lora_is_one_clear_error(checkpoints,
         assert rc != 0 and "hf_fsdp_loadfix: shard-on-read cannot fill" in text, text[-3000:]
         assert "q_proj.lora_A" in text or "base_layer" in text
         assert "Set HF_FSDP_LOADFIX_SOURCE=local for this job" in text
+
+
+def test_public_fill_shards_on_two_simulated_nodes(checkpoints, tmp_path):
+    """2 nodes of 2 ranks, one FSDP2 mesh of 4: every rank of both nodes (each node's local rank 0 included) on meta
+    after loading, its own quarter read, every gathered key equal to the checkpoint, logits equal to a plain load's."""
+    ckpt = checkpoints("llama")
+    results = [r["fill:llama"] for r in two_nodes([OFFPATH, "--scenario", "fill", "llama", ckpt], tmp_path)]
+    total = _checkpoint_bytes(ckpt)
+    for r in results:
+        assert r["devices_after_load"] == ["meta"] and r["mismatch_vs_checkpoint"] == []
+        assert r["logits"] == r["logits_plain"] == results[0]["logits"]
+    assert sum(r["shard_on_read"]["bytes_read"] for r in results) == total
