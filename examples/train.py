@@ -1,7 +1,7 @@
 """A few training steps under FSDP2 with cpu_ram_efficient_loading, loaded through hf_fsdp_loadfix.
 
     accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/train.py [--model DIR]   # GPUs
-    torchrun --nproc_per_node 2 examples/train.py --cpu [--model DIR]                                  # CPU, gloo
+    torchrun --nproc_per_node 2 examples/train.py --cpu [--sharded] [--model DIR]                      # CPU, gloo
 
 Without a checkpoint in --model a tiny bf16 Llama is built there locally (no download). Every rank prints where its
 parameters are after from_pretrained (rank 0: cpu; the other ranks: meta with the package, cpu without it), then
@@ -27,16 +27,21 @@ def build_tiny_llama(path):
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
 
 
-def shard_on_cpu(model):
-    """What accelerate's FSDP2 prepare does with cpu_ram_efficient_loading, with torch's own functions."""
+def shard_on_cpu(model, sharded):
+    """What accelerate's FSDP2 prepare does with cpu_ram_efficient_loading, with torch's own functions; ``sharded``:
+    every rank reads its own slices of the checkpoint instead of rank 0 broadcasting it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    full_state = model.state_dict() if dist.get_rank() == 0 else {}  # the other ranks hold meta tensors
-    hf_fsdp_loadfix.wait_for_rank0()  # before the first collective: rank 0 may still be reading the checkpoint
+    full_state = model.state_dict() if dist.get_rank() == 0 and not sharded else {}  # others: meta tensors
+    if not sharded:
+        hf_fsdp_loadfix.wait_for_rank0()  # before the first collective: rank 0 may still be reading the checkpoint
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
+    if sharded:
+        hf_fsdp_loadfix.fill_shards(model)
+        return model
     model.tie_weights()  # point tied aliases at the sharded parameter (a no-op for untied models)
     set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
@@ -46,6 +51,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=os.path.join(tempfile.gettempdir(), f"tiny-llama-{transformers.__version__}"))
     p.add_argument("--cpu", action="store_true", help="torch's FSDP2 on gloo (accelerate runs DDP on CPU)")
+    p.add_argument("--sharded", action="store_true", help="with --cpu: shard-on-read, every rank reads its own slices")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", help="write rank<N>.json (losses, devices after from_pretrained) into this directory")
     args = p.parse_args()
@@ -68,12 +74,17 @@ def main():
     barrier()  # the last collective before from_pretrained; the next one waits for rank 0's load
 
     # the process group is up and both FSDP variables are set: only local rank 0 reads the weights
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32 if cpu else torch.bfloat16)
+    dtype = torch.float32 if cpu else torch.bfloat16
+    if cpu and args.sharded:  # the FSDP gate and shard-on-read for this load: every rank on meta, rank 0 too
+        with hf_fsdp_loadfix.fsdp_loading():
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     devices = sorted({t.device.type for t in model.state_dict().values()})
     print(f"rank {rank}: parameters on {'|'.join(devices)} after from_pretrained", flush=True)
 
     if cpu:
-        model = shard_on_cpu(model)
+        model = shard_on_cpu(model, args.sharded)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:  # accelerate wants model and optimizer together; it shards the model and broadcasts rank 0's weights
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

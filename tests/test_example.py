@@ -69,7 +69,8 @@ def ckpt(tmp_path_factory):
 
 def test_the_cpu_path_trains_as_upstream(ckpt, tmp_path):
     """With the package (accelerate launch) and without it (torchrun): every loss bitwise equal on both ranks and in
-    both runs, and decreasing; rank 1's parameters on meta after from_pretrained with the package, cpu without."""
+    both runs, and decreasing; rank 1's parameters on meta after from_pretrained with the package, cpu without.
+    With --sharded (shard-on-read, fill_shards) the same losses, rank 0 on meta too."""
     args = [EXAMPLE, "--cpu", "--model", ckpt]
     text, patched = run([*ACCELERATE_LAUNCH, "--main_process_port", str(free_port()), *args], tmp_path / "on", True)
     _, upstream = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -78,8 +79,12 @@ def test_the_cpu_path_trains_as_upstream(ckpt, tmp_path):
     assert [r["devices_after_from_pretrained"] for r in patched] == [["cpu"], ["meta"]]
     assert [r["devices_after_from_pretrained"] for r in upstream] == [["cpu"], ["cpu"]]
     assert "rank 1: parameters on meta after from_pretrained" in text
+    _, sharded = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                      str(free_port()), *args, "--sharded"], tmp_path / "sharded", True)
+    assert [r["devices_after_from_pretrained"] for r in sharded] == [["meta"], ["meta"]]  # shard-on-read: rank 0 too
     losses = patched[0]["losses"]
-    assert all(r["losses"] == losses for r in patched + upstream), [r["losses"] for r in patched + upstream]
+    assert all(r["losses"] == losses for r in patched + upstream + sharded), [r["losses"] for r in
+                                                                              patched + upstream + sharded]
     assert len(losses) == 5 and all(a > b for a, b in zip(losses, losses[1:])), losses
     assert f"step 4: loss {losses[4]!r}" in text
 
