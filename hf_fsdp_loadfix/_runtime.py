@@ -231,11 +231,10 @@ def _meta_guard(module, args):
             "hf_fsdp_loadfix: this model was loaded under FSDP cpu-ram-efficient loading (ACCELERATE_USE_FSDP and "
             "FSDP_CPU_RAM_EFFICIENT_LOADING set) on a process other than local rank 0 (or with "
             "HF_FSDP_LOADFIX_SOURCE=sharded), so its weights are on meta until they are broadcast from rank 0 (or "
-            "read into its shards). Prepare it first (accelerator.prepare(model), accelerate's "
-            "fsdp2_prepare_model, or fully_shard + set_model_state_dict(broadcast_from_rank0=True) or "
-            "hf_fsdp_loadfix.fill_shards), or load it "
-            "with FSDP_CPU_RAM_EFFICIENT_LOADING=false (or HF_FSDP_LOADFIX=0) where every rank needs the weights "
-            "before that.")
+            "read into its shards). Prepare it first (accelerator.prepare(model), accelerate's fsdp2_prepare_model, "
+            "or fully_shard + set_model_state_dict(broadcast_from_rank0=True) or hf_fsdp_loadfix.fill_shards), or "
+            "load it with FSDP_CPU_RAM_EFFICIENT_LOADING=false (or HF_FSDP_LOADFIX=0) where every rank needs the "
+            "weights before that.")
     module._hf_fsdp_loadfix_guard.remove()
 
 
@@ -322,8 +321,7 @@ def load_pretrained_model(wrapped, instance, args, kwargs):
     with loader_role(model):
         if load_config is None or not is_target(load_config.is_quantized):
             return wrapped(*args, **kwargs)
-    arg["state_dict"] = meta_state_dict(arg["state_dict"], arg["checkpoint_files"], load_config.weights_only)
-    # every loaded weight is placed on meta: upstream's conversions then only compute shapes and dtypes
-    arg["load_config"] = dataclasses.replace(load_config, device_map={"": "meta"})
-    with loader_role(model):
+        arg["state_dict"] = meta_state_dict(arg["state_dict"], arg["checkpoint_files"], load_config.weights_only)
+        # every loaded weight is placed on meta: upstream's conversions then only compute shapes and dtypes
+        arg["load_config"] = dataclasses.replace(load_config, device_map={"": "meta"})
         return wrapped(*bound.args, **bound.kwargs)
