@@ -21,7 +21,7 @@ def status_text(report: dict) -> str:
         f"release:         {report['case'] or 'not checked'}",
         f"accelerate fix:  {report['accelerate_fix']}",
         f"rank-0 stream:   {report['accelerate_stream']}",
-        f"accelerate prepare: {report['accelerate_prepare']}",
+        f"prepare wrapper: {report['accelerate_prepare']}",
         f"startup hook:    {'installed: ' + hook if hook else 'not installed: import hf_fsdp_loadfix in your script'}",
         f"options:         {', '.join(f'{k}={v}' for k, v in (report['options'] or {}).items()) or 'invalid'}",
         f"this process:    {report['process']}",

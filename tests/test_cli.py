@@ -208,12 +208,12 @@ def test_status_says_why_it_takes_seconds():
 def test_status_names_the_variable_that_disabled_it():
     """Each line names the one variable that is set, never 'A or B'; accelerate's prepare wrapper has its line."""
     off = cli("status", env={"HF_FSDP_LOADFIX": "0"}).stdout
-    for line in ("accelerate fix:  ", "rank-0 stream:   ", "accelerate prepare: "):
+    for line in ("accelerate fix:  ", "rank-0 stream:   ", "prepare wrapper: "):
         assert f"{line}disabled by HF_FSDP_LOADFIX=0\n" in off, off
     accel = cli("status", env={"HF_FSDP_LOADFIX_ACCELERATE": "0"}).stdout
     assert "accelerate fix:  disabled by HF_FSDP_LOADFIX_ACCELERATE=0\n" in accel, accel
     assert "rank-0 stream:   disabled by HF_FSDP_LOADFIX_ACCELERATE=0\n" in accel
-    assert "accelerate prepare: applied\n" in accel and f"patch:           applied ({CLASS})" in accel
+    assert "prepare wrapper: applied\n" in accel and f"patch:           applied ({CLASS})" in accel
     assert " or HF_FSDP_LOADFIX" not in off + accel
     from hf_fsdp_loadfix import _check  # check's table: the column says which switch turned accelerate's fix off
 
