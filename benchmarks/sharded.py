@@ -17,14 +17,13 @@ tensor + 64 MB; time <= 0.8 x the default path and <= 1.1 x native. Writes bench
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sweep import checkpoint, common_args, save  # noqa: E402
+from sweep import checkpoint, common_args, finish, largest_numel, save  # noqa: E402
 
 MODES = ("default", "sharded", "native")
 STYLE = {"default": ("tab:red", "o"), "sharded": ("tab:blue", "D"), "native": ("tab:green", "s")}
@@ -60,12 +59,6 @@ def worker(args):
     read = hf_fsdp_loadfix.status()["shard_on_read"]
     helpers.finish({"rank": dist.get_rank(), "seconds": seconds, "peak_kb": peak, "bytes_broadcast": sent[0],
                     "bytes_read": read["bytes_read"] if isinstance(read, dict) else None}, args.out)
-
-
-def largest_numel(ckpt):
-    with open(os.path.join(ckpt, "model.safetensors"), "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return max(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 
 
 def measure(args, versions):
@@ -155,15 +148,9 @@ def plot(rows, path):
         mem.set_ylabel("peak anonymous RSS above baseline (MB)")
         secs.set_title(f"time to the sharded model, loaded as {dtype}")
         secs.set_ylabel("seconds, slowest rank")
-        for ax in (mem, secs):
-            ax.set_xlabel("parameters (billions)")
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8)
     v = rows[0]
-    fig.suptitle(f"shard-on-read vs the default path vs native DistributedConfig: transformers {v['transformers']}, "
-                 f"accelerate {v['accelerate']}, {v['nproc']} CPU ranks")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    finish(fig, axes.flat, f"shard-on-read vs the default path vs native DistributedConfig: transformers "
+           f"{v['transformers']}, accelerate {v['accelerate']}, {v['nproc']} CPU ranks", path)
 
 
 def main():

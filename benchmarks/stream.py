@@ -18,12 +18,11 @@ stream-<accelerate>-transformers-<transformers>.*); --from-json re-renders the t
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
 
-from sweep import checkpoint, common_args, save
+from sweep import checkpoint, common_args, finish, largest_numel, save
 
 from hf_fsdp_loadfix._worker import launch
 
@@ -35,12 +34,6 @@ STYLE = {WITHOUT: ("without the package (HF_FSDP_LOADFIX=0)", "tab:purple", "v",
          "upstream": ("accelerate's prepare as it is", "tab:red", "o", 3.0, 0.6),
          "streamed": ("streamed (the package's default)", "tab:blue", "D", 1.5, 1.0),
          "no mixed precision": ("no mixed precision", "tab:grey", "^", 1.5, 1.0)}
-
-
-def largest_numel(ckpt):
-    with open(os.path.join(ckpt, "model.safetensors"), "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return max(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
 
 
 def measure(args, versions):
@@ -140,15 +133,9 @@ def plot(rows, path):
     mem.set_title("peak memory over from_pretrained + prepare")
     secs.set_ylabel("fsdp2_prepare_model (s), slowest rank")
     secs.set_title("prepare time")
-    for ax in (mem, secs):
-        ax.set_xlabel("parameters (billions)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
     v = rows[0]
-    fig.suptitle(f"accelerate {v['accelerate']} fsdp2_prepare_model, transformers {v['transformers']}, "
-                 f"bf16 mixed precision, {v['nproc']} CPU gloo ranks")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    finish(fig, (mem, secs), f"accelerate {v['accelerate']} fsdp2_prepare_model, transformers {v['transformers']}, "
+           f"bf16 mixed precision, {v['nproc']} CPU gloo ranks", path)
 
 
 def main():

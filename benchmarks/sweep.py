@@ -28,16 +28,35 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 BASELINE_MB = 400  # a rank's resident memory before from_pretrained (interpreter, torch, transformers)
 
 
+def _numels(ckpt):
+    """The element count of every tensor in the checkpoint's safetensors header."""
+    with open(os.path.join(ckpt, "model.safetensors"), "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return [math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__"]
+
+
+def largest_numel(ckpt):
+    return max(_numels(ckpt))
+
+
 def checkpoint(size, root):
     hidden, layers = SIZES[size]
     path = os.path.join(root, f"llama_h{hidden}_l{layers}")
     if not os.path.exists(os.path.join(path, "config.json")):
         print(f"building {path}", flush=True)
         build_llama(path, hidden, layers)
-    with open(os.path.join(path, "model.safetensors"), "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    params = sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return path, params
+    return path, sum(_numels(path))
+
+
+def finish(fig, axes, title, path):
+    """The x axis, grid and legend every size plot has, the title, saved."""
+    for ax in axes:
+        ax.set_xlabel("parameters (billions)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def sweep(args, version):
