@@ -316,8 +316,7 @@ def load_pretrained_model(wrapped, instance, args, kwargs):
     )
     setattr(model, FROM_RANK0, True)  # on every rank: accelerate's prepare waits for rank 0, fills a non-FSDP model
     if _config.source() == "sharded" and arg["state_dict"] is None:
-        _sharded.decide(model, arg["checkpoint_files"], getattr(load_config, "weight_mapping", None),
-                        arg.get("key_mapping"))
+        _sharded.decide(model, arg["checkpoint_files"], load_config, arg.get("key_mapping"))
     with loader_role(model):
         if load_config is None or not is_target(load_config.is_quantized):
             return wrapped(*args, **kwargs)

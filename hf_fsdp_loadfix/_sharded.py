@@ -9,20 +9,27 @@ from, and the dtype ``from_pretrained`` gave it. After FSDP2 has sharded the met
 dtype accelerate gives the parameter) and assigns it. Slicing commutes with an element-wise cast, so every shard is
 bitwise the default path's.
 
+Keys transformers renames at load (5.x ``WeightRenaming``, 4.x ``key_mapping`` and legacy renames) are read
+sliced under the name the release's own renaming gives them. Keys it *converts* (5.x ``WeightConverter``: expert
+fusion, qkv splits, rope permutations, transposes; none is proven slice-safe) fall back per key: each rank reads
+that key's source tensors whole, one conversion at a time (a node's page cache shares them), converts them with the
+release's own loader and keeps its slice. ``status()["shard_on_read"]`` counts the keys read sliced and whole.
+
 A load this cannot serve exactly is left to the default path when ``from_pretrained`` runs, with one log line
-naming why: .bin/pickle checkpoints, a key transformers renames or converts at load (5.x weight conversions such as
-expert fusion, 4.x ``key_mapping`` or legacy renames), keys missing from the checkpoint (a new head: rank 0
-initialises them), shapes that differ (``ignore_mismatched_sizes``). The decision depends only on the model and the
-checkpoint's headers, so every rank takes it alike.
+naming why: .bin/pickle checkpoints, keys missing from the checkpoint (a new head: rank 0 initialises them), shapes
+that differ (``ignore_mismatched_sizes``). The decision depends only on the model and the checkpoint's headers, so
+every rank takes it alike.
 """
 
+import contextlib
 import dataclasses
 import logging
+import math
 import os
 
 import torch
 
-from ._shard import as_target, local_index
+from ._shard import as_target, local_index, local_slice
 
 logger = logging.getLogger("hf_fsdp_loadfix")
 SHARDED = "_hf_fsdp_loadfix_sharded"  # the model's Source, or None where the default path serves it
@@ -31,8 +38,14 @@ last = {"shard_on_read": "no shard-on-read load yet"}
 
 @dataclasses.dataclass
 class Source:
-    files: dict  # state-dict key -> (safetensors file, checkpoint key), read unchanged
+    files: dict  # state-dict key -> (safetensors file, checkpoint key), read sliced
     loaded: dict = dataclasses.field(default_factory=dict)  # state-dict key -> dtype from_pretrained gave it
+    # keys the release converts at load: state-dict key -> its conversion (the first target's name), and that
+    # conversion -> its source (safetensors file, checkpoint key)s; read whole, converted by the release's loader
+    converted: dict = dataclasses.field(default_factory=dict)
+    conversions: dict = dataclasses.field(default_factory=dict)
+    twins: dict = dataclasses.field(default_factory=dict)  # a key tied to a converted key -> that key
+    load_config: object = None  # 5.x: the loader's own configuration, placing on CPU
 
 
 def _headers(files):
@@ -45,45 +58,89 @@ def _headers(files):
     return found
 
 
-def _converted(key, weight_mapping, fix_key):
-    """Does transformers rename or convert this checkpoint key at load?  (5.x: a weight transform matches it; 4.x:
-    ``_fix_state_dict_key_on_load`` or ``key_mapping`` changes it.)"""
-    for transform in weight_mapping or ():
-        if transform.rename_source_key(key)[1] is not None:
-            return type(transform).__name__
-    if fix_key is not None:
-        fixed = fix_key(key)
-        if (fixed[0] if isinstance(fixed, tuple) else fixed) != key:
-            return "a legacy rename"
-    return None
+def _names_5x(model, headers, weight_mapping, entries):
+    """5.x: checkpoint key -> state-dict key, by the release's own ``rename_source_key`` (renamings, then at most one
+    converter, the base-model prefix added or stripped), as ``convert_and_load_state_dict_in_model`` matches them.
+    Returns (renamed: state-dict key -> checkpoint key, conversions: first target -> (targets, checkpoint keys))."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    renamings = [t for t in weight_mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in weight_mapping if isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    renamed, conversions = {}, {}
+    for key in sorted(headers):
+        name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, entries)
+        if name not in entries and key in entries:
+            name, pattern = key, None
+        if name not in entries:
+            continue  # unexpected: the default path ignores it too
+        if pattern is None:
+            renamed.setdefault(name, key)
+        else:  # the loader groups a conversion's sources under its first target (others: as it names them)
+            first = by_pattern[pattern].target_patterns[0]
+            targets = [name.replace(first, t) for t in by_pattern[pattern].target_patterns]
+            conversions.setdefault(name, ([t for t in targets if t in entries], []))[1].append(key)
+    return renamed, conversions
 
 
-def plan(model, files, weight_mapping=None, key_mapping=None):
-    """(Source, None) where every state-dict entry loads unchanged from one safetensors key of its shape, else
-    (None, why)."""
+def _names_4x(model, headers, key_mapping, entries):
+    """4.x: checkpoint key -> state-dict key by the release's own ``_get_key_renaming_mapping`` (legacy renames,
+    ``key_mapping``), then the base-model prefix added or stripped."""
+    rename = getattr(model, "_get_key_renaming_mapping", None)
+    mapping = rename(sorted(headers), key_mapping) if rename else {k: k for k in headers}
+    prefix, renamed = model.base_model_prefix, {}
+    for key, name in mapping.items():
+        match = next((n for n in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")) if n in entries), None)
+        if match is not None:
+            renamed.setdefault(match, key)
+    return renamed, {}
+
+
+def _loader():
+    """5.x: the release's ``convert_and_load_state_dict_in_model`` and the arguments its signature takes beside the
+    model, the state dict and the load config (None where it takes others)."""
+    import inspect
+
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model as load
+
+    params = inspect.signature(load).parameters
+    if not {"model", "state_dict", "load_config"} <= params.keys():
+        return None, None
+    extra = {"tp_plan": None} if "tp_plan" in params else {}
+    if any(p.default is inspect.Parameter.empty for n, p in params.items()
+           if n not in ("model", "state_dict", "load_config", *extra)):
+        return None, None
+    return load, extra
+
+
+def plan(model, files, load_config=None, key_mapping=None):
+    """(Source, None) where every state-dict entry loads from the checkpoint (sliced under the release's name for
+    it, or whole through one of its conversions), else (None, why)."""
     if not files or not all(f.endswith(".safetensors") for f in files):
         return None, ".bin/pickle checkpoint (slices can only be read from safetensors)"
-    if key_mapping:
-        return None, "transformers renames keys at load (key_mapping, or the model's legacy checkpoint names)"
+    entries = model.state_dict(keep_vars=True)
     try:
         headers = _headers(files)
-        fix_key = getattr(model, "_fix_state_dict_key_on_load", None) if weight_mapping is None else None
-        for key in sorted(headers):
-            how = _converted(key, weight_mapping, fix_key)
-            if how:
-                return None, f"transformers converts {key} at load ({how}); shard-on-read reads keys loaded unchanged"
+        if load_config is None:
+            renamed, conversions = _names_4x(model, headers, key_mapping, entries)
+        else:
+            renamed, conversions = _names_5x(model, headers, getattr(load_config, "weight_mapping", None) or [], entries)
+        if conversions and _loader()[0] is None:
+            return None, "transformers converts keys at load and this release's loader cannot be called per conversion"
     except Exception as err:  # noqa: BLE001 - an unreadable header or a transform API this code does not know
         return None, f"the checkpoint's keys could not be matched ({type(err).__name__}: {err})"
-    prefix, entries = model.base_model_prefix, model.state_dict(keep_vars=True)
+    converted = {t: first for first, (targets, _) in conversions.items() for t in targets}
     # tied keys (target -> source): 4.x ties at construction (one tensor), 5.x after loading (all_tied_weights_keys)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-    files_of, first, missing, shapes = {}, {}, [], []
+    files_of, first, twins, missing, shapes = {}, {}, {}, [], []
     for key, tensor in entries.items():
         if id(tensor) in first or tied.get(key) in entries:  # tied to another key: filled with it
-            files_of[key] = tied.get(key) or first[id(tensor)]
+            twins[key] = tied.get(key) or first[id(tensor)]
             continue
         first[id(tensor)] = key
-        name = next((k for k in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")) if k in headers), None)
+        name = renamed.get(key)
+        if key in converted:
+            continue  # read whole through its conversion
         if name is None:
             missing.append(key)
         elif headers[name][1] != list(tensor.shape):
@@ -94,14 +151,18 @@ def plan(model, files, weight_mapping=None, key_mapping=None):
         return None, f"{len(missing)} keys are not in the checkpoint (e.g. {missing[0]}): rank 0 initialises them"
     if shapes:
         return None, f"{len(shapes)} keys have another shape in the checkpoint (e.g. {shapes[0]})"
-    files_of = {k: files_of[v] if isinstance(v, str) else v for k, v in files_of.items()}  # a tied key: its source's
-    return Source(files_of), None
+    files_of.update({key: files_of[twin] for key, twin in twins.items() if twin in files_of})  # a tied key: its twin's
+    source = Source(files_of, converted=converted, twins={k: t for k, t in twins.items() if t in converted},
+                    conversions={c: [(headers[k][0], k) for k in keys] for c, (_, keys) in conversions.items()})
+    if conversions:
+        source.load_config = dataclasses.replace(load_config, device_map={"": "cpu"})
+    return source, None
 
 
-def decide(model, files, weight_mapping=None, key_mapping=None) -> None:
+def decide(model, files, load_config=None, key_mapping=None) -> None:
     """At ``from_pretrained``, on every rank alike: keep a Source on the model, or log once why it takes the default
     path."""
-    source, why = plan(model, files, weight_mapping, key_mapping)
+    source, why = plan(model, files, load_config, key_mapping)
     setattr(model, SHARDED, source)
     if source is None:
         message = f"shard-on-read not used for {type(model).__name__}: {why}; the default path loads it"
@@ -126,10 +187,57 @@ def record_loaded(model) -> None:
         source.loaded = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
 
 
+def _convert_whole(root, source, conversion, keys, open_file):
+    """The full tensors of ``keys`` (state-dict keys of one conversion), converted from their source tensors read
+    whole by the release's own loader, as the default path converts them, in the dtype from_pretrained gave them.
+    Each key's entry is replaced for the call by a meta stand-in of its full shape (so the loader neither slices nor
+    keeps what it makes), then put back."""
+    load, extra = _loader()
+    put_back, shapes = [], {}
+    for key in keys:
+        path, _, name = key.rpartition(".")
+        module = root.get_submodule(path)
+        slots = module._parameters if name in module._parameters else module._buffers
+        original = slots[name]
+        shapes[key] = original.shape
+        stand_in = torch.empty(original.shape, dtype=source.loaded.get(key, original.dtype), device="meta")
+        slots[name] = torch.nn.Parameter(stand_in, original.requires_grad) if slots is module._parameters else stand_in
+        put_back.append((key, module, slots, name, original))
+    try:
+        state_dict = {name: open_file(path).get_slice(name) for path, name in source.conversions[conversion]}
+        with _quiet_progress():
+            load(model=root, state_dict=state_dict, load_config=source.load_config, **extra)
+        full = {key: getattr(module, name).detach() for key, module, _, name, _ in put_back}
+    finally:
+        for _, _, slots, name, original in put_back:
+            slots[name] = original
+    wrong = sorted(k for k, v in full.items() if v.device.type == "meta" or v.shape != shapes[k])
+    if wrong:
+        raise RuntimeError(f"hf_fsdp_loadfix: shard-on-read: transformers' loader did not convert {wrong[0]} from "
+                           f"{[n for _, n in source.conversions[conversion]][:3]} to its shape. Set "
+                           "HF_FSDP_LOADFIX_SOURCE=local for this job, and report this.")
+    return full
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """No "Loading weights" progress bar per conversion."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def fill(model, device=None, cpu_offload=False) -> None:
     """Fill every state-dict entry of the sharded ``model`` from the checkpoint: DTensors with this rank's slices,
-    plain tensors (persistent buffers) whole. Local, no collective. Raises naming the keys where the model holds
-    entries the checkpoint does not (peft adapters added after loading: load them on the default path)."""
+    plain tensors (persistent buffers) whole; a key the release converts at load, from its sources read whole. Local,
+    no collective. Raises naming the keys where the model holds entries the checkpoint does not (peft adapters
+    added after loading: load them on the default path)."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
@@ -138,35 +246,57 @@ def fill(model, device=None, cpu_offload=False) -> None:
         raise RuntimeError("hf_fsdp_loadfix: this model was not loaded for shard-on-read (HF_FSDP_LOADFIX_SOURCE="
                            f"sharded under FSDP cpu-ram-efficient loading): {last['shard_on_read']}")
     targets = root.state_dict(keep_vars=True)
-    unknown = sorted(k for k in targets if k not in source.files)
+    unknown = sorted(k for k in targets if k not in source.files and k not in source.converted
+                     and k not in source.twins)
     if unknown:
         raise RuntimeError(
             f"hf_fsdp_loadfix: shard-on-read cannot fill {len(unknown)} entries that are not in the checkpoint (e.g. "
             f"{unknown[0]}): modules added after from_pretrained (peft adapters) have no source on any rank. Set "
             "HF_FSDP_LOADFIX_SOURCE=local for this job.")
     handles, done, filled = {}, {}, {}
-    sliced = whole = read = 0
+    count = {"keys_sliced": 0, "keys_whole": 0, "keys_converted": 0, "bytes_read": 0}
+
+    def open_file(path):
+        if path not in handles:
+            handles[path] = safe_open(path, framework="pt")
+        return handles[path]
+
+    def place(key, target, local, whole):
+        # get_slice gives this rank's rows as copy-on-write pages of the memory-mapped file (as native
+        # DistributedConfig shards are) or fresh memory: no copy beyond the casts
+        loaded = source.loaded.get(key, target.dtype)
+        if isinstance(target, DTensor):
+            if whole:
+                local = local_slice(local, target.device_mesh, target.placements)
+            count["keys_sliced" if not whole else "keys_whole"] += 1
+            return as_target(local.to(loaded), target, cpu_offload, copy=whole)
+        count["keys_whole"] += 1
+        return local.to(loaded).to(target.dtype).to(device or "cpu")
+
     try:
         for key, target in targets.items():
-            if id(target) not in done:
-                path, name = source.files[key]
-                if path not in handles:
-                    handles[path] = safe_open(path, framework="pt")
-                tensor_slice = handles[path].get_slice(name)
-                loaded = source.loaded.get(key, target.dtype)
-                # get_slice gives this rank's rows as copy-on-write pages of the memory-mapped file (as native
-                # DistributedConfig shards are) or fresh memory: no copy beyond the casts
-                if isinstance(target, DTensor):
-                    index = local_index(target.shape, target.device_mesh, target.placements)
-                    local = tensor_slice[index]
-                    value, sliced = as_target(local.to(loaded), target, cpu_offload, copy=False), sliced + 1
-                else:
-                    local = tensor_slice[:]
-                    value, whole = local.to(loaded).to(target.dtype).to(device or "cpu"), whole + 1
-                read += local.numel() * local.element_size()
-                del local
-                done[id(target)] = value
-            filled[key] = done[id(target)]
+            if id(target) in done or key not in source.files:
+                continue
+            path, name = source.files[key]
+            tensor_slice = open_file(path).get_slice(name)
+            index = local_index(target.shape, target.device_mesh, target.placements) \
+                if isinstance(target, DTensor) else None
+            local = tensor_slice[index] if index is not None else tensor_slice[:]
+            count["bytes_read"] += local.numel() * local.element_size()
+            done[id(target)] = place(key, target, local, whole=index is None and isinstance(target, DTensor))
+            del local
+        conversions = {}
+        for key in targets:
+            if key in source.converted and id(targets[key]) not in done:
+                conversions.setdefault(source.converted[key], []).append(key)
+        for conversion, keys in conversions.items():  # one at a time: only its full tensors are held
+            for key, full in _convert_whole(root, source, conversion, keys, open_file).items():
+                done[id(targets[key])] = place(key, targets[key], full, whole=True)
+                count["keys_converted"] += 1
+            count["bytes_read"] += sum(_nbytes(open_file(p).get_slice(n)) for p, n in source.conversions[conversion])
+        for key, twin in source.twins.items():  # tied to a converted key, as another tensor: its twin's value
+            done.setdefault(id(targets[key]), done[id(targets[twin])])
+        filled = {key: done[id(target)] for key, target in targets.items()}
     finally:
         handles.clear()
     # DTensors (FSDP2) through load_state_dict(assign=True), as accelerate does; a tied key gets its twin's tensor.
@@ -181,5 +311,11 @@ def fill(model, device=None, cpu_offload=False) -> None:
                 swapped.add(id(target))
                 is_param = isinstance(target, torch.nn.Parameter)
                 torch.utils.swap_tensors(target, torch.nn.Parameter(value, target.requires_grad) if is_param else value)
-    last["shard_on_read"] = {"keys_sliced": sliced, "keys_whole": whole, "bytes_read": read,
-                             "files": sorted(os.path.basename(p) for p in {p for p, _ in source.files.values()})}
+    last["shard_on_read"] = {**count,
+                             "files": sorted({os.path.basename(p) for p, _ in source.files.values()}
+                                             | {os.path.basename(p) for c in source.conversions.values() for p, _ in c})}
+
+
+def _nbytes(tensor_slice) -> int:
+    size = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    return math.prod(tensor_slice.get_shape()) * size.get(tensor_slice.get_dtype(), 4)

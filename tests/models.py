@@ -9,12 +9,12 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 
-def _llama(tie=False, hidden=64, layers=2, vocab=128, inter=None):
+def _llama(tie=False, hidden=64, layers=2, vocab=128, inter=None, kv=2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=inter or 2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+        num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=64, tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(cfg)
 
@@ -163,6 +163,7 @@ BUILDERS = {
     "llama_sharded": _llama,  # several safetensors shards + index
     "llama_bin": _llama,  # a pickle checkpoint (pytorch_model.bin)
     "llama_tied": lambda: _llama(tie=True),
+    "llama_qkv": lambda: _llama(kv=4),  # q, k and v saved fused as one qkv_proj (see QKV)
     "llama_base": lambda: _llama().model,  # a LlamaModel checkpoint: loaded as a causal LM, lm_head is missing
     "keep_fp32": lambda: keep_fp32_class()(_llama().config),
     "root_buffer": _root_buffer,
@@ -189,7 +190,30 @@ def build(kind: str, path: str, dtype=torch.bfloat16, seed=0, **kwargs) -> str:
         torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"))
     else:
         model.save_pretrained(path, **({"max_shard_size": "40KB"} if kind == "llama_sharded" else {}))
+    if kind == "llama_qkv":
+        _fuse_qkv(os.path.join(path, "model.safetensors"))
     return path
+
+
+def _fuse_qkv(file):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(file)
+    for key in [k for k in tensors if k.endswith("self_attn.q_proj.weight")]:
+        parts = [tensors.pop(key.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
+        tensors[key.replace("q_proj", "qkv_proj")] = torch.cat(parts)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def register_qkv() -> None:
+    """5.x: load a ``llama_qkv`` checkpoint through transformers' own conversion (Chunk on dim 0, the dim FSDP
+    shards: not slice-safe). Llama checkpoints without the fused key are unaffected."""
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+    from transformers.core_model_loading import Chunk, WeightConverter
+
+    targets = [f"self_attn.{p}_proj.weight" for p in "qkv"]
+    register_checkpoint_conversion_mapping(
+        "llama", [WeightConverter("self_attn.qkv_proj.weight", targets, operations=[Chunk(dim=0)])], overwrite=True)
 
 
 def load_class(kind: str):

@@ -119,7 +119,7 @@ def test_check_passes_with_the_patch():
 def test_check_source_sharded_holds_rank_0_to_the_rules_too(checkpoints):
     """check --source sharded: every rank, rank 0 included, on meta after from_pretrained and flat, nothing
     broadcast, every key equal to the checkpoint; a model shard-on-read leaves to the default path fails, naming
-    why (Mixtral on 5.x: its expert keys are fused at load)."""
+    why (a pickle checkpoint: slices are read from safetensors only)."""
     if importlib.util.find_spec("accelerate") is None:
         pytest.skip("shard-on-read fills through accelerate's fsdp2_prepare_model here")
     proc = cli("check", "--json", "--source", "sharded", "--model", checkpoints("llama"), timeout=600)
@@ -129,11 +129,10 @@ def test_check_source_sharded_holds_rank_0_to_the_rules_too(checkpoints):
     assert report["source"] == "sharded" and report["passed"] and fixed["failures"] == []
     for rank in fixed["ranks"]:
         assert rank["devices"] == ["meta"] and rank["rss_peak_mb"] < 32 and rank["checkpoint_keys_mismatched"] == 0
-    if transformers.__version__.startswith("5."):
-        proc = cli("check", "--json", "--source", "sharded", "--model", checkpoints("mixtral"), timeout=600)
-        assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-        failures = json.loads(proc.stdout)["runs"]["patched"]["failures"]
-        assert failures[0].startswith("shard-on-read not used for MixtralForCausalLM: transformers converts ")
+    proc = cli("check", "--json", "--source", "sharded", "--model", checkpoints("llama_bin"), timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    failures = json.loads(proc.stdout)["runs"]["patched"]["failures"]
+    assert failures[0].startswith("shard-on-read not used for ") and ": .bin/pickle checkpoint" in failures[0], failures
 
 
 def clean_env(monkeypatch):

@@ -259,6 +259,8 @@ def stream_case(name, kind, ckpt, stream, args, rank):
     opts = STREAM_CASES.get(name, {})  # any other name: a plain case (the checkpoint's kind is what differs)
     ckpt = args.ckpt_other if args.ckpt_other and rank else ckpt
     torch.manual_seed(0)  # keys missing from the checkpoint: rank 0 initialises them alike in every run
+    if kind == "llama_qkv":
+        __import__("models").register_qkv()
     model = load_class(kind).from_pretrained(ckpt, **helpers.dtype_kwargs(opts.get("dtype", "bfloat16")))
     devices_after_load = sorted({t.device.type for t in model.state_dict().values()})
     if name == "frozen":
