@@ -10,10 +10,13 @@ dtype accelerate gives the parameter) and assigns it. Slicing commutes with an e
 bitwise the default path's.
 
 Keys transformers renames at load (5.x ``WeightRenaming``, 4.x ``key_mapping`` and legacy renames) are read
-sliced under the name the release's own renaming gives them. Keys it *converts* (5.x ``WeightConverter``: expert
-fusion, qkv splits, rope permutations, transposes; none is proven slice-safe) fall back per key: each rank reads
-that key's source tensors whole, one conversion at a time (a node's page cache shares them), converts them with the
-release's own loader and keeps its slice. ``status()["shard_on_read"]`` counts the keys read sliced and whole.
+sliced under the name the release's own renaming gives them. Keys it *converts* (5.x ``WeightConverter``) go
+through the release's own loader, one conversion at a time. Where the conversion is proven slice-safe (per-expert
+keys stacked on dim 0 and concatenated on another dim: transformers' ``DtensorShardOperation`` reads only this rank's
+experts, from 5.24) the loader reads this rank's slices; every other conversion (qkv splits, rope permutations,
+transposes, releases without that loader) falls back per key: each rank reads its sources whole (a node's page cache
+shares them), the loader converts them, and the rank keeps its slice. ``status()["shard_on_read"]`` counts the keys
+read sliced and whole, and how many of them were converted.
 
 A load this cannot serve exactly is left to the default path when ``from_pretrained`` runs, with one log line
 naming why: .bin/pickle checkpoints, keys missing from the checkpoint (a new head: rank 0 initialises them), shapes
@@ -44,6 +47,7 @@ class Source:
     # conversion -> its source (safetensors file, checkpoint key)s; read whole, converted by the release's loader
     converted: dict = dataclasses.field(default_factory=dict)
     conversions: dict = dataclasses.field(default_factory=dict)
+    sliceable: set = dataclasses.field(default_factory=set)  # conversions the loader can read sliced
     twins: dict = dataclasses.field(default_factory=dict)  # a key tied to a converted key -> that key
     load_config: object = None  # 5.x: the loader's own configuration, placing on CPU
 
@@ -61,7 +65,8 @@ def _headers(files):
 def _names_5x(model, headers, weight_mapping, entries):
     """5.x: checkpoint key -> state-dict key, by the release's own ``rename_source_key`` (renamings, then at most one
     converter, the base-model prefix added or stripped), as ``convert_and_load_state_dict_in_model`` matches them.
-    Returns (renamed: state-dict key -> checkpoint key, conversions: first target -> (targets, checkpoint keys))."""
+    Returns (renamed: state-dict key -> checkpoint key, conversions: first target -> (targets, checkpoint keys,
+    slice-safe))."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     renamings = [t for t in weight_mapping if isinstance(t, WeightRenaming)]
@@ -79,7 +84,8 @@ def _names_5x(model, headers, weight_mapping, entries):
         else:  # the loader groups a conversion's sources under its first target (others: as it names them)
             first = by_pattern[pattern].target_patterns[0]
             targets = [name.replace(first, t) for t in by_pattern[pattern].target_patterns]
-            conversions.setdefault(name, ([t for t in targets if t in entries], []))[1].append(key)
+            safe = _slice_safe(by_pattern[pattern].operations)
+            conversions.setdefault(name, ([t for t in targets if t in entries], [], safe))[1].append(key)
     return renamed, conversions
 
 
@@ -94,6 +100,22 @@ def _names_4x(model, headers, key_mapping, entries):
         if match is not None:
             renamed.setdefault(match, key)
     return renamed, {}
+
+
+def _slice_safe(operations) -> bool:
+    """Per-expert tensors stacked on dim 0, then concatenated on another dim: sharded on dim 0, this rank's experts
+    make its shard. Only where the release's DtensorShardOperation drops the experts a rank does not own (5.24)."""
+    import inspect
+
+    try:
+        from transformers.distributed.sharding_utils import DtensorShardOperation
+    except ImportError:
+        return False
+    if "tensor_idx" not in inspect.signature(DtensorShardOperation.shard_tensor).parameters:
+        return False
+    kinds = [(type(op).__name__, getattr(op, "dim", None)) for op in operations]
+    return bool(kinds) and kinds[0] == ("MergeModulelist", 0) and all(
+        name == "Concatenate" and dim not in (0, None) for name, dim in kinds[1:])
 
 
 def _loader():
@@ -129,7 +151,7 @@ def plan(model, files, load_config=None, key_mapping=None):
             return None, "transformers converts keys at load and this release's loader cannot be called per conversion"
     except Exception as err:  # noqa: BLE001 - an unreadable header or a transform API this code does not know
         return None, f"the checkpoint's keys could not be matched ({type(err).__name__}: {err})"
-    converted = {t: first for first, (targets, _) in conversions.items() for t in targets}
+    converted = {t: first for first, (targets, *_) in conversions.items() for t in targets}
     # tied keys (target -> source): 4.x ties at construction (one tensor), 5.x after loading (all_tied_weights_keys)
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     files_of, first, twins, missing, shapes = {}, {}, {}, [], []
@@ -153,7 +175,8 @@ def plan(model, files, load_config=None, key_mapping=None):
         return None, f"{len(shapes)} keys have another shape in the checkpoint (e.g. {shapes[0]})"
     files_of.update({key: files_of[twin] for key, twin in twins.items() if twin in files_of})  # a tied key: its twin's
     source = Source(files_of, converted=converted, twins={k: t for k, t in twins.items() if t in converted},
-                    conversions={c: [(headers[k][0], k) for k in keys] for c, (_, keys) in conversions.items()})
+                    conversions={c: [(headers[k][0], k) for k in keys] for c, (_, keys, _) in conversions.items()},
+                    sliceable={c for c, (*_, safe) in conversions.items() if safe})
     if conversions:
         source.load_config = dataclasses.replace(load_config, device_map={"": "cpu"})
     return source, None
@@ -187,36 +210,56 @@ def record_loaded(model) -> None:
         source.loaded = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
 
 
-def _convert_whole(root, source, conversion, keys, open_file):
-    """The full tensors of ``keys`` (state-dict keys of one conversion), converted from their source tensors read
-    whole by the release's own loader, as the default path converts them, in the dtype from_pretrained gave them.
-    Each key's entry is replaced for the call by a meta stand-in of its full shape (so the loader neither slices nor
-    keeps what it makes), then put back."""
+def _sharded_on_dim_0(target) -> bool:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    return isinstance(target, DTensor) and all(p == Shard(0) or isinstance(p, Replicate) for p in target.placements)
+
+
+def _convert(root, source, conversion, keys, open_file):
+    """{key: (tensor, sliced)} for ``keys`` (the state-dict keys of one conversion), converted by the release's own
+    loader as the default path converts them, in the dtype from_pretrained gave them: this rank's local shard where the
+    conversion is slice-safe, else the full tensor, from its sources read whole. Each key's entry is replaced for the
+    call by a meta stand-in (a DTensor of the target's layout, or a plain tensor of its full shape), then put back, so
+    the loader keeps nothing."""
+    from torch.distributed.tensor import DTensor
+
     load, extra = _loader()
-    put_back, shapes = [], {}
+    put_back, expect = [], {}
     for key in keys:
         path, _, name = key.rpartition(".")
         module = root.get_submodule(path)
         slots = module._parameters if name in module._parameters else module._buffers
         original = slots[name]
-        shapes[key] = original.shape
-        stand_in = torch.empty(original.shape, dtype=source.loaded.get(key, original.dtype), device="meta")
+        dtype = source.loaded.get(key, original.dtype)
+        sliced = conversion in source.sliceable and _sharded_on_dim_0(original)
+        if sliced:
+            local = original.to_local()
+            stand_in = DTensor.from_local(torch.empty(local.shape, dtype=dtype, device="meta"), original.device_mesh,
+                                          original.placements, run_check=False, shape=original.shape,
+                                          stride=original.stride())
+        else:
+            stand_in = torch.empty(original.shape, dtype=dtype, device="meta")
+        expect[key] = (local.shape if sliced else original.shape, sliced)
         slots[name] = torch.nn.Parameter(stand_in, original.requires_grad) if slots is module._parameters else stand_in
         put_back.append((key, module, slots, name, original))
     try:
         state_dict = {name: open_file(path).get_slice(name) for path, name in source.conversions[conversion]}
         with _quiet_progress():
             load(model=root, state_dict=state_dict, load_config=source.load_config, **extra)
-        full = {key: getattr(module, name).detach() for key, module, _, name, _ in put_back}
+        made = {}
+        for key, module, _, name, _ in put_back:
+            value = getattr(module, name).detach()
+            made[key] = (value.to_local() if isinstance(value, DTensor) else value, expect[key][1])
     finally:
         for _, _, slots, name, original in put_back:
             slots[name] = original
-    wrong = sorted(k for k, v in full.items() if v.device.type == "meta" or v.shape != shapes[k])
+    wrong = sorted(k for k, (v, _) in made.items() if v.device.type == "meta" or v.shape != expect[k][0])
     if wrong:
         raise RuntimeError(f"hf_fsdp_loadfix: shard-on-read: transformers' loader did not convert {wrong[0]} from "
                            f"{[n for _, n in source.conversions[conversion]][:3]} to its shape. Set "
                            "HF_FSDP_LOADFIX_SOURCE=local for this job, and report this.")
-    return full
+    return made
 
 
 @contextlib.contextmanager
@@ -290,10 +333,15 @@ def fill(model, device=None, cpu_offload=False) -> None:
             if key in source.converted and id(targets[key]) not in done:
                 conversions.setdefault(source.converted[key], []).append(key)
         for conversion, keys in conversions.items():  # one at a time: only its full tensors are held
-            for key, full in _convert_whole(root, source, conversion, keys, open_file).items():
-                done[id(targets[key])] = place(key, targets[key], full, whole=True)
+            made = _convert(root, source, conversion, keys, open_file)
+            for key, (value, sliced) in made.items():
+                done[id(targets[key])] = place(key, targets[key], value, whole=not sliced)
                 count["keys_converted"] += 1
-            count["bytes_read"] += sum(_nbytes(open_file(p).get_slice(n)) for p, n in source.conversions[conversion])
+            if all(sliced for _, sliced in made.values()):  # this rank's experts, read as stored
+                count["bytes_read"] += sum(v.numel() for v, _ in made.values()) * _itemsize(
+                    open_file, source.conversions[conversion][0])
+            else:
+                count["bytes_read"] += sum(_nbytes(open_file(p).get_slice(n)) for p, n in source.conversions[conversion])
         for key, twin in source.twins.items():  # tied to a converted key, as another tensor: its twin's value
             done.setdefault(id(targets[key]), done[id(targets[twin])])
         filled = {key: done[id(target)] for key, target in targets.items()}
@@ -316,6 +364,12 @@ def fill(model, device=None, cpu_offload=False) -> None:
                                              | {os.path.basename(p) for c in source.conversions.values() for p, _ in c})}
 
 
+_SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
 def _nbytes(tensor_slice) -> int:
-    size = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-    return math.prod(tensor_slice.get_shape()) * size.get(tensor_slice.get_dtype(), 4)
+    return math.prod(tensor_slice.get_shape()) * _SIZES.get(tensor_slice.get_dtype(), 4)
+
+
+def _itemsize(open_file, path_and_key) -> int:
+    return _SIZES.get(open_file(path_and_key[0]).get_slice(path_and_key[1]).get_dtype(), 4)
