@@ -29,11 +29,13 @@ def local_slice(full, mesh, placements):
 def as_target(local, target, cpu_offload=False, copy=True):
     """A ``target`` DTensor (meta) filled with ``local``: cast to the target's dtype (copied unless ``copy=False``
     says ``local`` is this rank's own already, so no view of a reused receive buffer survives), contiguous where the
-    target is, on CPU under ``cpu_offload``, as accelerate 1.14's ``fsdp2_load_full_state_dict`` makes it."""
+    target is, on the mesh's device (CPU under ``cpu_offload``), as accelerate 1.14's ``fsdp2_load_full_state_dict``
+    makes it. A slice read from the files is on CPU: on a GPU mesh it moves to the GPU here."""
     from torch.distributed.tensor import DTensor
 
     local = local.to(target.dtype, copy=copy)
     if target.is_contiguous():
         local = local.contiguous()
-    return DTensor.from_local(local.cpu() if cpu_offload else local, target.device_mesh, target.placements,
+    local = local.cpu() if cpu_offload else local.to(target.device_mesh.device_type)
+    return DTensor.from_local(local, target.device_mesh, target.placements,
                               run_check=False, shape=target.shape, stride=target.stride())
