@@ -212,15 +212,27 @@ def distributed_by_transformers(model, load_config) -> bool:
 
 
 @contextlib.contextmanager
-def loader_role(model):
-    """Around upstream's steps of loading ``model``: a load transformers distributes, every rank is its own loader
-    (local rank 0); a shard-on-read load, no rank is (each fills its shards from the files later)."""
-    role = True if getattr(model, NATIVE, False) else False if getattr(model, _sharded.SHARDED, None) else None
+def _acting(role):
     token = _role.set(role)
     try:
         yield
     finally:
         _role.reset(token)
+
+
+def loader_role(model):
+    """Around upstream's steps of loading ``model``: a load transformers distributes, every rank is its own loader
+    (local rank 0); a shard-on-read load, no rank is (each fills its shards from the files later)."""
+    return _acting(True if getattr(model, NATIVE, False) else False if getattr(model, _sharded.SHARDED, None) else None)
+
+
+def initialises_missing(model) -> bool:
+    """Local rank 0 (as transformers itself answers) of a shard-on-read load whose checkpoint lacks keys: it runs
+    upstream's steps for those keys as the default path's rank 0 does."""
+    if not _sharded.initialises_missing(model):
+        return False
+    with _acting(None):
+        return _modeling_utils().is_local_dist_rank_0()
 
 
 def _meta_guard(module, args):
@@ -263,7 +275,11 @@ def move_missing_keys(wrapped, instance, args, kwargs):
     with loader_role(instance):
         if not is_target(quantized):
             return wrapped(*args, **kwargs)
-    keep_state_dict_on_meta(instance)
+    if initialises_missing(instance):  # upstream's, as rank 0: only the missing keys leave meta
+        with _acting(True):
+            wrapped(*args, **kwargs)
+    else:
+        keep_state_dict_on_meta(instance)
     place_non_persistent_buffers(instance)
     return None
 
@@ -273,7 +289,14 @@ def initialize_missing_keys(wrapped, instance, args, kwargs):
     is_quantized = _bind(wrapped, args, kwargs).arguments["is_quantized"]
     with loader_role(instance):
         target = is_target(is_quantized)
-        result = init_non_persistent_buffers(instance) if target else wrapped(*args, **kwargs)
+    if target and initialises_missing(instance):  # upstream's, as rank 0: it initialises only what was not loaded
+        with _acting(True):
+            result = wrapped(*args, **kwargs)
+        _sharded.keep_initialised(instance)
+        keep_state_dict_on_meta(instance)
+    else:
+        with loader_role(instance):
+            result = init_non_persistent_buffers(instance) if target else wrapped(*args, **kwargs)
     if is_fsdp_load(is_quantized):
         sync_non_persistent_buffers(instance, _config.buffers())
     if target:

@@ -18,9 +18,13 @@ transposes, releases without that loader) falls back per key: each rank reads it
 shares them), the loader converts them, and the rank keeps its slice. ``status()["shard_on_read"]`` counts the keys
 read sliced and whole, and how many of them were converted.
 
+Keys missing from the checkpoint (a new head) come out as on the default path: local rank 0 runs upstream's own
+initialisation for just those keys at ``from_pretrained`` (every other entry stays on meta there too), keeps them
+beside the model, and :func:`fill` broadcasts them from rank 0, one key at a time: the only broadcast of
+shard-on-read.
+
 A load this cannot serve exactly is left to the default path when ``from_pretrained`` runs, with one log line
-naming why: .bin/pickle checkpoints, keys missing from the checkpoint (a new head: rank 0 initialises them), shapes
-that differ (``ignore_mismatched_sizes``). The decision depends only on the model and the checkpoint's headers, so
+naming why: .bin/pickle checkpoints, shapes that differ (``ignore_mismatched_sizes``). The decision depends only on the model and the checkpoint's headers, so
 every rank takes it alike.
 """
 
@@ -48,7 +52,9 @@ class Source:
     converted: dict = dataclasses.field(default_factory=dict)
     conversions: dict = dataclasses.field(default_factory=dict)
     sliceable: set = dataclasses.field(default_factory=set)  # conversions the loader can read sliced
-    twins: dict = dataclasses.field(default_factory=dict)  # a key tied to a converted key -> that key
+    twins: dict = dataclasses.field(default_factory=dict)  # a key tied to a converted or missing key -> that key
+    missing: list = dataclasses.field(default_factory=list)  # keys not in the checkpoint: rank 0 initialises them
+    initialised: dict = dataclasses.field(default_factory=dict)  # local rank 0: their values, until the fill
     load_config: object = None  # 5.x: the loader's own configuration, placing on CPU
 
 
@@ -169,12 +175,11 @@ def plan(model, files, load_config=None, key_mapping=None):
             shapes.append(key)
         else:
             files_of[key] = (headers[name][0], name)
-    if missing:
-        return None, f"{len(missing)} keys are not in the checkpoint (e.g. {missing[0]}): rank 0 initialises them"
     if shapes:
         return None, f"{len(shapes)} keys have another shape in the checkpoint (e.g. {shapes[0]})"
     files_of.update({key: files_of[twin] for key, twin in twins.items() if twin in files_of})  # a tied key: its twin's
-    source = Source(files_of, converted=converted, twins={k: t for k, t in twins.items() if t in converted},
+    source = Source(files_of, converted=converted, missing=missing,
+                    twins={k: t for k, t in twins.items() if t not in files_of},
                     conversions={c: [(headers[k][0], k) for k in keys] for c, (_, keys, _) in conversions.items()},
                     sliceable={c for c, (*_, safe) in conversions.items() if safe})
     if conversions:
@@ -276,6 +281,52 @@ def _quiet_progress():
             hf_logging.enable_progress_bar()
 
 
+def initialises_missing(model) -> bool:
+    """Is this local rank 0 of a shard-on-read load whose checkpoint lacks keys?  It runs upstream's own steps for
+    those keys (the others stay on meta and are marked loaded, so upstream leaves them alone)."""
+    source = getattr(model, SHARDED, None)
+    return bool(source and source.missing)
+
+
+def keep_initialised(model) -> None:
+    """After upstream initialised the missing keys on local rank 0: keep their values beside the model until the fill
+    broadcasts them, and put the entries back on meta (rank 0 holds to the rules of the others)."""
+    source = getattr(model, SHARDED)
+    entries = model.state_dict(keep_vars=True)
+    source.initialised = {k: entries[k].detach() for k in source.missing}
+    with torch.no_grad():
+        for key in source.missing:
+            tensor = entries[key]
+            if tensor.device.type != "meta":
+                meta = tensor.detach().to("meta")
+                torch.utils.swap_tensors(tensor, torch.nn.Parameter(meta, tensor.requires_grad)
+                                         if isinstance(tensor, torch.nn.Parameter) else meta)
+
+
+def _broadcast_missing(source, targets, done, place, device) -> int:
+    """The missing keys from rank 0 (what its upstream initialised), one broadcast per key in sorted order, each
+    rank keeping its slice. Every rank runs it alike: the keys come from the model and the checkpoint's headers."""
+    import torch.distributed as dist
+
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    sent = 0
+    for key in sorted(source.missing):
+        target = targets[key]
+        if id(target) in done:
+            continue
+        dtype = source.loaded.get(key, target.dtype)
+        if dist.get_rank() == 0:
+            value = source.initialised[key].to(device=device, dtype=dtype).contiguous()
+        else:
+            value = torch.empty(target.shape, dtype=dtype, device=device)
+        dist.broadcast(value, src=0, group=dist.group.WORLD)
+        sent += value.numel() * value.element_size()
+        done[id(target)] = place(key, target, value, whole=True)
+    source.initialised.clear()
+    return sent
+
+
 def fill(model, device=None, cpu_offload=False) -> None:
     """Fill every state-dict entry of the sharded ``model`` from the checkpoint: DTensors with this rank's slices,
     plain tensors (persistent buffers) whole; a key the release converts at load, from its sources read whole. Local,
@@ -290,14 +341,16 @@ def fill(model, device=None, cpu_offload=False) -> None:
                            f"sharded under FSDP cpu-ram-efficient loading): {last['shard_on_read']}")
     targets = root.state_dict(keep_vars=True)
     unknown = sorted(k for k in targets if k not in source.files and k not in source.converted
-                     and k not in source.twins)
+                     and k not in source.twins and k not in source.missing)
     if unknown:
         raise RuntimeError(
             f"hf_fsdp_loadfix: shard-on-read cannot fill {len(unknown)} entries that are not in the checkpoint (e.g. "
             f"{unknown[0]}): modules added after from_pretrained (peft adapters) have no source on any rank. Set "
             "HF_FSDP_LOADFIX_SOURCE=local for this job.")
     handles, done, filled = {}, {}, {}
-    count = {"keys_sliced": 0, "keys_whole": 0, "keys_converted": 0, "bytes_read": 0}
+    # keys read sliced (this rank's part only) and whole; of those, converted by the release's loader; from rank 0
+    count = {"keys_sliced": 0, "keys_whole": 0, "keys_converted": 0, "bytes_read": 0, "keys_from_rank0": 0,
+             "bytes_broadcast": 0}
 
     def open_file(path):
         if path not in handles:
@@ -311,9 +364,7 @@ def fill(model, device=None, cpu_offload=False) -> None:
         if isinstance(target, DTensor):
             if whole:
                 local = local_slice(local, target.device_mesh, target.placements)
-            count["keys_sliced" if not whole else "keys_whole"] += 1
             return as_target(local.to(loaded), target, cpu_offload, copy=whole)
-        count["keys_whole"] += 1
         return local.to(loaded).to(target.dtype).to(device or "cpu")
 
     try:
@@ -327,6 +378,7 @@ def fill(model, device=None, cpu_offload=False) -> None:
             local = tensor_slice[index] if index is not None else tensor_slice[:]
             count["bytes_read"] += local.numel() * local.element_size()
             done[id(target)] = place(key, target, local, whole=index is None and isinstance(target, DTensor))
+            count["keys_sliced" if index is not None else "keys_whole"] += 1
             del local
         conversions = {}
         for key in targets:
@@ -337,12 +389,16 @@ def fill(model, device=None, cpu_offload=False) -> None:
             for key, (value, sliced) in made.items():
                 done[id(targets[key])] = place(key, targets[key], value, whole=not sliced)
                 count["keys_converted"] += 1
+                count["keys_sliced" if sliced else "keys_whole"] += 1
             if all(sliced for _, sliced in made.values()):  # this rank's experts, read as stored
                 count["bytes_read"] += sum(v.numel() for v, _ in made.values()) * _itemsize(
                     open_file, source.conversions[conversion][0])
             else:
                 count["bytes_read"] += sum(_nbytes(open_file(p).get_slice(n)) for p, n in source.conversions[conversion])
-        for key, twin in source.twins.items():  # tied to a converted key, as another tensor: its twin's value
+        if source.missing:
+            count["keys_from_rank0"] = len(source.missing)
+            count["bytes_broadcast"] = _broadcast_missing(source, targets, done, place, device)
+        for key, twin in source.twins.items():  # tied to a converted or missing key: its twin's value
             done.setdefault(id(targets[key]), done[id(targets[twin])])
         filled = {key: done[id(target)] for key, target in targets.items()}
     finally:
