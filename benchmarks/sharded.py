@@ -3,9 +3,12 @@ broadcasts), shard-on-read (HF_FSDP_LOADFIX_SOURCE=sharded) and transformers' na
 side in one run on the installed transformers and accelerate.
 
     pip install matplotlib                     # for the plot
-    python benchmarks/sharded.py [--sizes 0.1 0.5 1] [--nproc 2] [--dtype bfloat16 float32] [--repeat 2]
+    python benchmarks/sharded.py [--sizes 0.1 0.5 1 2] [--nproc 2 4] [--moe 0.4] [--dtype bfloat16 float32]
+                                 [--repeat 2]
 
-The checkpoints are sweep.py's (bf16 Llamas built locally once, cached under <tmp>/hf_fsdp_loadfix_bench). Each rank
+The checkpoints are sweep.py's (bf16 Llamas built locally once, cached under <tmp>/hf_fsdp_loadfix_bench); --moe adds
+a bf16 Mixtral of about that many billion parameters, saved with per-expert keys (5.x fuses them at load: shard-on-read
+reads them through transformers' own loader, sliced where it can). Each rank
 (this script with --worker, gloo, CPU) runs from_pretrained under the FSDP variables, then accelerate's
 fsdp2_prepare_model with cpu_ram_efficient_loading (default and sharded), or from_pretrained(distributed_config=
 DistributedConfig(fsdp_size=N)) without the FSDP variables (native, transformers >= 5.15). Per rank: the peak
@@ -23,7 +26,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sweep import checkpoint, common_args, finish, largest_numel, save  # noqa: E402
+from sweep import _numels, checkpoint, common_args, finish, largest_numel, save  # noqa: E402
 
 MODES = ("default", "sharded", "native")
 STYLE = {"default": ("tab:red", "o"), "sharded": ("tab:blue", "D"), "native": ("tab:green", "s")}
@@ -61,62 +64,94 @@ def worker(args):
                     "bytes_read": read["bytes_read"] if isinstance(read, dict) else None}, args.out)
 
 
+MOE = {0.4: (1024, 8, 8)}  # billions -> (hidden, layers, experts)
+
+
+def moe_checkpoint(size, root):
+    """A bf16 Mixtral, every parameter random, saved by the installed transformers (per-expert keys)."""
+    hidden, layers, experts = MOE[size]
+    path = os.path.join(root, f"mixtral_h{hidden}_l{layers}_e{experts}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        import torch
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        print(f"building {path}", flush=True)
+        cfg = MixtralConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=int(hidden * 1.375) // 64 * 64,
+                            num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=2,
+                            num_local_experts=experts, num_experts_per_tok=2, max_position_embeddings=256)
+        torch.manual_seed(0)
+        model = MixtralForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.normal_(0.0, 0.05)
+        model.save_pretrained(path)
+    return path, sum(_numels(path))
+
+
 def measure(args, versions):
     from packaging.version import Version
 
     from hf_fsdp_loadfix._worker import launch
 
     modes = [m for m in MODES if m != "native" or Version(versions["transformers"]) >= Version("5.15")]
+    models = [("llama", *checkpoint(size, args.dir)) for size in args.sizes]
+    models += [("mixtral", *moe_checkpoint(size, args.dir)) for size in args.moe]
     rows = []
-    for size in args.sizes:
-        ckpt, params = checkpoint(size, args.dir)
-        for dtype in args.dtype:
-            width = 2 if dtype == "bfloat16" else 4
-            target_mb = (width * params / args.nproc + 2 * width * largest_numel(ckpt)) / 2**20 + 64
-            repeats = {m: [] for m in modes}
-            for _ in range(args.repeat):  # interleaved: load on the machine hits every mode alike
+    for model, ckpt, params in models:
+        largest = largest_numel(ckpt)
+        for nproc in args.nproc:
+            for dtype in args.dtype:
+                width = 2 if dtype == "bfloat16" else 4
+                target_mb = (width * params / nproc + 2 * width * largest) / 2**20 + 64
+                repeats = {m: [] for m in modes}
+                for _ in range(args.repeat):  # interleaved: load on the machine hits every mode alike
+                    for mode in modes:
+                        outputs, results = launch([os.path.abspath(__file__), "--worker", "--mode", mode, "--ckpt",
+                                                   ckpt, "--dtype", dtype], tempfile.mkdtemp(), nproc=nproc,
+                                                  timeout=3600)
+                        if any(rc for rc, _ in outputs):
+                            sys.exit(next(text for rc, text in outputs if rc)[-3000:])
+                        repeats[mode].append(results)
                 for mode in modes:
-                    outputs, results = launch([os.path.abspath(__file__), "--worker", "--mode", mode, "--ckpt", ckpt,
-                                               "--dtype", dtype], tempfile.mkdtemp(), nproc=args.nproc, timeout=3600)
-                    if any(rc for rc, _ in outputs):
-                        sys.exit(next(text for rc, text in outputs if rc)[-3000:])
-                    repeats[mode].append(results)
-            for mode in modes:
-                ranks = list(zip(*repeats[mode]))
-                rows.append({**versions, "params": params, "nproc": args.nproc, "load_dtype": dtype, "mode": mode,
-                             "repeat": args.repeat, "target_mb": round(target_mb, 1),
-                             "checkpoint_mb": round(2 * params / 2**20, 1),
-                             "peak_mb": [round(max(r["peak_kb"] for r in rs) / 1024, 1) for rs in ranks],
-                             "seconds": round(min(max(r["seconds"] for r in rep) for rep in repeats[mode]), 2),
-                             "read_mb": [None if rs[0]["bytes_read"] is None else round(rs[0]["bytes_read"] / 2**20, 1)
-                                         for rs in ranks],
-                             "broadcast_mb": [round(rs[0]["bytes_broadcast"] / 2**20, 1) for rs in ranks]})
-                print(rows[-1], flush=True)
+                    ranks = list(zip(*repeats[mode]))
+                    rows.append({**versions, "model": model, "params": params, "nproc": nproc, "load_dtype": dtype,
+                                 "mode": mode, "repeat": args.repeat, "target_mb": round(target_mb, 1),
+                                 "checkpoint_mb": round(2 * params / 2**20, 1),
+                                 "peak_mb": [round(max(r["peak_kb"] for r in rs) / 1024, 1) for rs in ranks],
+                                 "seconds": round(min(max(r["seconds"] for r in rep) for rep in repeats[mode]), 2),
+                                 "read_mb": [None if rs[0]["bytes_read"] is None else
+                                             round(rs[0]["bytes_read"] / 2**20, 1) for rs in ranks],
+                                 "broadcast_mb": [round(rs[0]["bytes_broadcast"] / 2**20, 1) for rs in ranks]})
+                    print(rows[-1], flush=True)
     return rows
 
 
 def markdown(rows):
     v = rows[0]
-    lines = [f"# Shard-on-read: transformers {v['transformers']}, accelerate {v['accelerate']}, {v['nproc']} ranks", "",
+    lines = [f"# Shard-on-read: transformers {v['transformers']}, accelerate {v['accelerate']}", "",
              "Time to a sharded model (from_pretrained + accelerate's fsdp2_prepare_model; native: from_pretrained "
              "with DistributedConfig(fsdp_size=N)), slowest rank; peak anonymous RSS above each rank's baseline over "
-             "both; bf16 safetensors Llamas built locally, CPU gloo ranks, no mixed precision; `python "
-             f"benchmarks/sharded.py`. Shortest time and highest peak of {v['repeat']} runs each.", "",
-             "| params | load dtype | mode | time s | rank 0 peak MB | rank 1 peak MB | target MB | read MB per rank "
-             "| broadcast MB per rank |", "|---|---|---|---|---|---|---|---|---|"]
-    by = {(r["params"], r["load_dtype"], r["mode"]): r for r in rows}
+             "both; bf16 safetensors checkpoints built locally (Llamas; Mixtral with per-expert keys), CPU gloo ranks "
+             f"sharing 2 cores, no mixed precision; `python benchmarks/sharded.py`. Shortest time and highest peak of "
+             f"{v['repeat']} runs each. Target: each rank's own shard + 2 x the largest tensor + 64 MB.", "",
+             "| model | ranks | load dtype | mode | time s | rank 0 peak MB | other ranks' peak MB (max) | target MB "
+             "| read MB per rank (min-max) | broadcast MB per rank |", "|---|---|---|---|---|---|---|---|---|---|"]
+    by = {(r.get("model", "llama"), r["params"], r["nproc"], r["load_dtype"], r["mode"]): r for r in rows}
     notes = []
-    for (params, dtype, mode), r in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], MODES.index(kv[0][2]))):
-        read = "/".join(f"{x:.0f}" for x in r["read_mb"]) if r["read_mb"][0] is not None else "-"
-        lines.append(f"| {params / 1e9:.2f}B | {dtype} | {mode} | {r['seconds']:.2f} | {r['peak_mb'][0]:.0f} | "
-                     f"{r['peak_mb'][1]:.0f} | {r['target_mb']:.0f} | {read} | {r['broadcast_mb'][1]:.0f} |")
+    for key, r in sorted(by.items(), key=lambda kv: (*kv[0][:4], MODES.index(kv[0][4]))):
+        model, params, nproc, dtype, mode = key
+        reads = [x for x in r["read_mb"] if x is not None]
+        read = f"{min(reads):.0f}-{max(reads):.0f}" if reads else "-"
+        lines.append(f"| {model} {params / 1e9:.2f}B | {nproc} | {dtype} | {mode} | {r['seconds']:.2f} | "
+                     f"{r['peak_mb'][0]:.0f} | {max(r['peak_mb'][1:]):.0f} | {r['target_mb']:.0f} | {read} | "
+                     f"{max(r['broadcast_mb'][1:]):.0f} |")
         if mode == "sharded":
-            default, native = by[(params, dtype, "default")], by.get((params, dtype, "native"))
+            default, native = by[(*key[:4], "default")], by.get((*key[:4], "native"))
             within = max(r["peak_mb"]) <= r["target_mb"]
             vs = r["seconds"] / default["seconds"]
             vs_native = f", {r['seconds'] / native['seconds']:.2f}x native" if native else ""
-            notes.append(f"- {params / 1e9:.2f}B {dtype}: sharded {vs:.2f}x the default path's time{vs_native}; every "
-                         f"rank {'within' if within else 'above'} its target")
+            notes.append(f"- {model} {params / 1e9:.2f}B, {nproc} ranks, {dtype}: sharded {vs:.2f}x the default "
+                         f"path's time{vs_native}; every rank {'within' if within else 'above'} its target")
     return "\n".join(lines + [""] + notes) + "\n"
 
 
@@ -130,33 +165,38 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     dtypes = sorted({r["load_dtype"] for r in rows})
+    counts = sorted({r["nproc"] for r in rows})
+    llama = [r for r in rows if r.get("model", "llama") == "llama"]
     fig, axes = plt.subplots(len(dtypes), 2, figsize=(12, 4.2 * len(dtypes)), squeeze=False)
     for (mem, secs), dtype in zip(axes, dtypes):
         for mode, (color, marker) in STYLE.items():
-            runs = [r for r in rows if r["mode"] == mode and r["load_dtype"] == dtype]
-            if not runs:
-                continue
-            x = [r["params"] / 1e9 for r in runs]
-            mem.plot(x, [r["peak_mb"][0] for r in runs], "-", color=color, marker=marker, label=f"rank 0, {mode}")
-            mem.plot(x, [r["peak_mb"][1] for r in runs], "--", color=color, marker=marker, markerfacecolor="none",
-                     label=f"rank 1, {mode}")
-            secs.plot(x, [r["seconds"] for r in runs], "-", color=color, marker=marker, label=mode)
-        target = [r for r in rows if r["mode"] == "sharded" and r["load_dtype"] == dtype]
-        mem.plot([r["params"] / 1e9 for r in target], [r["target_mb"] for r in target], ":", color="black",
-                 label="target (own shard + 2 x largest tensor + 64 MB)")
-        mem.set_title(f"peak memory, loaded as {dtype}")
+            for nproc, line in zip(counts, ("-", "--", ":")):
+                runs = [r for r in llama if r["mode"] == mode and r["load_dtype"] == dtype and r["nproc"] == nproc]
+                if not runs:
+                    continue
+                x = [r["params"] / 1e9 for r in runs]
+                mem.plot(x, [max(r["peak_mb"]) for r in runs], line, color=color, marker=marker,
+                         label=f"{mode}, {nproc} ranks (highest rank)")
+                secs.plot(x, [r["seconds"] for r in runs], line, color=color, marker=marker,
+                          label=f"{mode}, {nproc} ranks")
+        for nproc, line in zip(counts, ("-", "--", ":")):
+            target = [r for r in llama if r["mode"] == "sharded" and r["load_dtype"] == dtype and r["nproc"] == nproc]
+            mem.plot([r["params"] / 1e9 for r in target], [r["target_mb"] for r in target], line, color="black",
+                     linewidth=0.8, label=f"target, {nproc} ranks (own shard + 2 x largest tensor + 64 MB)")
+        mem.set_title(f"Llama: peak memory, loaded as {dtype}")
         mem.set_ylabel("peak anonymous RSS above baseline (MB)")
-        secs.set_title(f"time to the sharded model, loaded as {dtype}")
+        secs.set_title(f"Llama: time to the sharded model, loaded as {dtype}")
         secs.set_ylabel("seconds, slowest rank")
     v = rows[0]
     finish(fig, axes.flat, f"shard-on-read vs the default path vs native DistributedConfig: transformers "
-           f"{v['transformers']}, accelerate {v['accelerate']}, {v['nproc']} CPU ranks", path)
+           f"{v['transformers']}, accelerate {v['accelerate']}, CPU ranks", path)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(p)
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--moe", type=float, nargs="*", default=list(MOE), choices=list(MOE))
     p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -29,10 +29,14 @@ BASELINE_MB = 400  # a rank's resident memory before from_pretrained (interprete
 
 
 def _numels(ckpt):
-    """The element count of every tensor in the checkpoint's safetensors header."""
-    with open(os.path.join(ckpt, "model.safetensors"), "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return [math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__"]
+    """The element count of every tensor in the checkpoint's safetensors headers."""
+    numels = []
+    for name in sorted(os.listdir(ckpt)):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(ckpt, name), "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            numels += [math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__"]
+    return numels
 
 
 def largest_numel(ckpt):

@@ -1,5 +1,5 @@
 """Shard-on-read (``HF_FSDP_LOADFIX_SOURCE=sharded``): every rank, rank 0 included, reads only its own slices of the
-checkpoint, so no rank holds the whole model and nothing is broadcast.
+checkpoint, so no rank holds the whole model and nothing is broadcast (but keys the checkpoint lacks).
 
 ``from_pretrained`` (every rank takes the non-rank-0 path: meta state dict, real non-persistent buffers) keeps a
 :class:`Source` on the model: for each state-dict key, the safetensors file and checkpoint key it loads unchanged
@@ -13,7 +13,7 @@ Keys transformers renames at load (5.x ``WeightRenaming``, 4.x ``key_mapping`` a
 sliced under the name the release's own renaming gives them. Keys it *converts* (5.x ``WeightConverter``) go
 through the release's own loader, one conversion at a time. Where the conversion is proven slice-safe (per-expert
 keys stacked on dim 0 and concatenated on another dim: transformers' ``DtensorShardOperation`` reads only this rank's
-experts, from 5.24) the loader reads this rank's slices; every other conversion (qkv splits, rope permutations,
+experts, 5.23 and 5.24) the loader reads this rank's slices; every other conversion (qkv splits, rope permutations,
 transposes, releases without that loader) falls back per key: each rank reads its sources whole (a node's page cache
 shares them), the loader converts them, and the rank keeps its slice. ``status()["shard_on_read"]`` counts the keys
 read sliced and whole, and how many of them were converted.
@@ -24,8 +24,8 @@ beside the model, and :func:`fill` broadcasts them from rank 0, one key at a tim
 shard-on-read.
 
 A load this cannot serve exactly is left to the default path when ``from_pretrained`` runs, with one log line
-naming why: .bin/pickle checkpoints, shapes that differ (``ignore_mismatched_sizes``). The decision depends only on the model and the checkpoint's headers, so
-every rank takes it alike.
+naming why: .bin/pickle checkpoints, shapes that differ (``ignore_mismatched_sizes``). The decision depends only on
+the model and the checkpoint's headers, so every rank takes it alike.
 """
 
 import contextlib
@@ -48,7 +48,7 @@ class Source:
     files: dict  # state-dict key -> (safetensors file, checkpoint key), read sliced
     loaded: dict = dataclasses.field(default_factory=dict)  # state-dict key -> dtype from_pretrained gave it
     # keys the release converts at load: state-dict key -> its conversion (the first target's name), and that
-    # conversion -> its source (safetensors file, checkpoint key)s; read whole, converted by the release's loader
+    # conversion -> its source (safetensors file, checkpoint key)s; converted by the release's loader
     converted: dict = dataclasses.field(default_factory=dict)
     conversions: dict = dataclasses.field(default_factory=dict)
     sliceable: set = dataclasses.field(default_factory=set)  # conversions the loader can read sliced
@@ -110,7 +110,8 @@ def _names_4x(model, headers, key_mapping, entries):
 
 def _slice_safe(operations) -> bool:
     """Per-expert tensors stacked on dim 0, then concatenated on another dim: sharded on dim 0, this rank's experts
-    make its shard. Only where the release's DtensorShardOperation drops the experts a rank does not own (5.24)."""
+    make its shard. Only where the release's DtensorShardOperation drops the experts a rank does not own (its
+    ``shard_tensor`` takes the expert index: 5.23, 5.24)."""
     import inspect
 
     try:

@@ -359,8 +359,10 @@ def main():
                 model = shard_accelerate(model, rank, args.mixed_precision)
             else:
                 model = shard_native(model, rank)
+        filled = hf_fsdp_loadfix.status()["shard_on_read"]  # shard-on-read: the keys the checkpoint lacks, from rank 0
         result.update(prepare_s=time.perf_counter() - t0, rss_peak_total_delta_kb=total.finish(),
-                      bytes_broadcast=sent[0])
+                      bytes_broadcast=sent[0],
+                      bytes_from_rank0=filled.get("bytes_broadcast", 0) if isinstance(filled, dict) else 0)
     if not (args.load_only or args.prepare_only):
         full = full_state(model)
         result.update(compare_to_checkpoint(full, args.ckpt))

@@ -236,7 +236,32 @@ def fill(kind, ckpt, args, rank):
             **helpers.compare_to_checkpoint(helpers.full_state(model), ckpt)}
 
 
-SCENARIOS = {"ddp": ddp, "native": native, "fsdp1": fsdp1, "late": late, "dtype": dtype, "fill": fill}
+def accelerate(kind, ckpt, args, rank):
+    """accelerate's own fsdp2_prepare_model under the FSDP variables, the default path (SOURCE=local) and then
+    shard-on-read (SOURCE=sharded) in this one process: per source the devices after loading, the bytes broadcast,
+    shard-on-read's report, this rank's local shards, the logits and the checkpoint comparison."""
+    from models import load_class
+
+    import hf_fsdp_loadfix
+
+    found = {}
+    for source in ("local", "sharded"):
+        os.environ["HF_FSDP_LOADFIX_SOURCE"] = source
+        model = load_class(kind).from_pretrained(ckpt, **helpers.dtype_kwargs("float32"))
+        devices = sorted({t.device.type for t in model.state_dict().values()})
+        with helpers.counted_broadcasts() as sent:
+            model = helpers.shard_accelerate(model, rank)
+        found[source] = {"devices_after_load": devices, "bytes_broadcast": sent[0],
+                         "shard_on_read": hf_fsdp_loadfix.status()["shard_on_read"] if source == "sharded" else None,
+                         "shards": {k: helpers.digest(v.to_local()) for k, v in model.state_dict().items()},
+                         "logits": helpers.digest(helpers.forward(model)),
+                         **helpers.compare_to_checkpoint(helpers.full_state(model), ckpt)}
+    del os.environ["HF_FSDP_LOADFIX_SOURCE"]
+    return found
+
+
+SCENARIOS = {"ddp": ddp, "native": native, "fsdp1": fsdp1, "late": late, "dtype": dtype, "fill": fill,
+             "accelerate": accelerate}
 
 
 def main():

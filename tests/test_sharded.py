@@ -167,13 +167,47 @@ def test_accelerate_shard_on_read_with_peft_lora_is_one_clear_error(checkpoints,
         assert "Set HF_FSDP_LOADFIX_SOURCE=local for this job" in text
 
 
-def test_public_fill_shards_on_two_simulated_nodes(checkpoints, tmp_path):
-    """2 nodes of 2 ranks, one FSDP2 mesh of 4: every rank of both nodes (each node's local rank 0 included) on meta
-    after loading, its own quarter read, every gathered key equal to the checkpoint, logits equal to a plain load's."""
-    ckpt = checkpoints("llama")
-    results = [r["fill:llama"] for r in two_nodes([OFFPATH, "--scenario", "fill", "llama", ckpt], tmp_path)]
-    total = _checkpoint_bytes(ckpt)
+@pytest.fixture(scope="module")
+def nodes(checkpoints, tmp_path_factory):
+    """One launch on 2 simulated nodes of 2 ranks (one FSDP2 mesh of 4): the public fill_shards on Llama, and
+    accelerate's fsdp2_prepare_model both ways on Llama and (where accelerate runs on CPU) Mixtral."""
+    kinds = {"fill": ["llama"], "accelerate": ["llama"] + (["mixtral"] if _can_run("moe") else [])}
+    ckpts = {kind: checkpoints(kind) for kind in ("llama", "mixtral")}
+    args = [a for name, ks in kinds.items() for kind in ks for a in ("--scenario", name, kind, ckpts[kind])]
+    return ckpts, two_nodes([OFFPATH, *args], tmp_path_factory.mktemp("nodes"))
+
+
+def test_public_fill_shards_on_two_simulated_nodes(nodes):
+    """Every rank of both nodes (each node's local rank 0 included) on meta after loading, its own quarter read,
+    every gathered key equal to the checkpoint, logits equal to a plain load's."""
+    ckpts, found = nodes
+    results = [r["fill:llama"] for r in found]
     for r in results:
         assert r["devices_after_load"] == ["meta"] and r["mismatch_vs_checkpoint"] == []
         assert r["logits"] == r["logits_plain"] == results[0]["logits"]
-    assert sum(r["shard_on_read"]["bytes_read"] for r in results) == total
+    assert sum(r["shard_on_read"]["bytes_read"] for r in results) == _checkpoint_bytes(ckpts["llama"])
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+def test_accelerate_shard_on_read_on_two_simulated_nodes(nodes, kind):
+    """accelerate's fsdp2_prepare_model over 2 nodes of 2 ranks: with shard-on-read every rank of both nodes on meta
+    after loading, nothing broadcast, the bytes read summing to the checkpoint (Mixtral on 5.23+: each rank's one
+    expert of four, through transformers' loader); every local shard and the logits bitwise the default path's
+    (each node's local rank 0 loads, global rank 0 broadcasts), every gathered key equal to the checkpoint."""
+    ckpts, found = nodes
+    if f"accelerate:{kind}" not in found[0]:
+        _require("moe")  # skips, naming why
+    results = [r[f"accelerate:{kind}"] for r in found]
+    assert [r["local"]["devices_after_load"] for r in results] == [["cpu"], ["meta"], ["cpu"], ["meta"]]
+    read = []
+    for r in results:
+        default, sharded = r["local"], r["sharded"]
+        assert sharded["devices_after_load"] == ["meta"] and sharded["bytes_broadcast"] == 0
+        assert sharded["shards"] == default["shards"] and sharded["logits"] == default["logits"]
+        assert sharded["mismatch_vs_checkpoint"] == [] and sharded["checkpoint_keys_compared"] > 0
+        read.append(sharded["shard_on_read"]["bytes_read"])
+    total = _checkpoint_bytes(ckpts[kind])
+    if _converted_at_load(kind) == "whole":  # the experts read whole by every rank
+        assert sum(read) > total, (read, total)
+    else:
+        assert sum(read) == total, (read, total)
