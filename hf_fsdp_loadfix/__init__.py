@@ -23,9 +23,11 @@ _MODULE = "transformers.modeling_utils"
 _ACCELERATE = "accelerate.utils.fsdp_utils"
 _ACCELERATOR = "accelerate.accelerator"
 _ACCELERATE_ALIASES = ("accelerate.utils", "accelerate.accelerator")  # import fsdp_utils' functions by name
+_PEFT = "peft.tuners.tuners_utils"
 _lock = RLock()
 _state = {"wanted": False, "hook": False, "class": None, "reason": "apply() not called", "originals": {},
-          "accelerate": "not imported", "stream": "not imported", "prepare": "not imported", "case": None}
+          "accelerate": "not imported", "stream": "not imported", "prepare": "not imported", "peft": "not imported",
+          "case": None}
 
 
 def apply() -> None:
@@ -66,7 +68,7 @@ def revert() -> None:
             setattr(owner, attr, original)
         _state["originals"] = {}
         _state.update({"class": None, "reason": "reverted", "accelerate": "reverted", "stream": "reverted",
-                       "prepare": "reverted", "case": None})
+                       "prepare": "reverted", "peft": "reverted", "case": None})
         stream = sys.modules.get(f"{__name__}._stream")
         if stream is not None:
             stream.applies = False
@@ -272,5 +274,28 @@ def _on_accelerator_import(accelerator) -> None:
         _state["prepare"] = "applied"
 
 
-_HOOKS = ((_MODULE, _on_import), (_ACCELERATE, _on_accelerate_import), (_ACCELERATOR, _on_accelerator_import))
+def _on_peft_import(tuners_utils) -> None:
+    """``BaseTunerLayer._move_adapter_to_device_of_base_layer``: under shard-on-read, local rank 0 keeps the adapter
+    values peft made before they go to their meta base layer's device (``_peft``)."""
+    import inspect
+
+    from . import _peft
+
+    with _lock:
+        owner = getattr(tuners_utils, "BaseTunerLayer", None)
+        move = vars(owner).get(_peft.MOVE) if owner is not None else None
+        if not _state["wanted"] or (owner, _peft.MOVE) in _state["originals"]:
+            return
+        if not _config.enabled():
+            _state["peft"] = "disabled by HF_FSDP_LOADFIX=0"
+            return
+        if not callable(move) or not {"adapter_name", "device"} <= inspect.signature(move).parameters.keys():
+            _state["peft"] = f"not applied: this peft has no {_peft.MOVE}(adapter_name, device)"
+            return
+        _wrap(owner, _peft.MOVE, _peft.move_adapter)
+        _state["peft"] = "applied"
+
+
+_HOOKS = ((_MODULE, _on_import), (_ACCELERATE, _on_accelerate_import), (_ACCELERATOR, _on_accelerator_import),
+          (_PEFT, _on_peft_import))
 apply()

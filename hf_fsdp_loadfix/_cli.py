@@ -22,6 +22,7 @@ def status_text(report: dict) -> str:
         f"accelerate fix:  {report['accelerate_fix']}",
         f"rank-0 stream:   {report['accelerate_stream']}",
         f"prepare wrapper: {report['accelerate_prepare']}",
+        f"peft adapters:   {report['peft_adapters']}",
         f"startup hook:    {'installed: ' + hook if hook else 'not installed: import hf_fsdp_loadfix in your script'}",
         f"options:         {', '.join(f'{k}={v}' for k, v in (report['options'] or {}).items()) or 'invalid'}",
         f"this process:    {report['process']}",
@@ -31,13 +32,13 @@ def status_text(report: dict) -> str:
 
 
 def status(as_json: bool, strict: bool = False) -> int:
-    """Import transformers (and accelerate) so the report says what a training process would get."""
+    """Import transformers (and accelerate and peft) so the report says what a training process would get."""
     import hf_fsdp_loadfix
 
     # nearly all of status' time (seconds: torch and transformers) is these imports; say so before they start
-    print("hf-fsdp-loadfix status: importing transformers and accelerate to see what a training process gets ...",
-          file=sys.stderr, flush=True)
-    for module in ("transformers.modeling_utils", "accelerate.utils.fsdp_utils"):
+    print("hf-fsdp-loadfix status: importing transformers, accelerate and peft to see what a training process gets "
+          "...", file=sys.stderr, flush=True)
+    for module in ("transformers.modeling_utils", "accelerate.utils.fsdp_utils", "peft.tuners.tuners_utils"):
         try:
             __import__(module)
         except ImportError:

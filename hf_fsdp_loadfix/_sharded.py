@@ -304,35 +304,52 @@ def keep_initialised(model) -> None:
                                          if isinstance(tensor, torch.nn.Parameter) else meta)
 
 
-def _broadcast_missing(source, targets, done, place, device) -> int:
-    """The missing keys from rank 0 (what its upstream initialised), one broadcast per key in sorted order, each
-    rank keeping its slice. Every rank runs it alike: the keys come from the model and the checkpoint's headers."""
+def _adapters(root, added, device) -> dict:
+    """Entries added after from_pretrained (peft adapters): local rank 0's values of them, as peft made them there
+    (``_peft``), once every rank agrees rank 0 has them all; else the same error on every rank."""
     import torch.distributed as dist
 
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    from ._peft import kept_values
+
+    kept = kept_values(root) if dist.get_rank() == 0 else {}
+    box = [sorted(kept.keys() & set(added))]
+    dist.broadcast_object_list(box, src=0, group=dist.group.WORLD, device=device)
+    lacking = [k for k in added if k not in box[0]]
+    if lacking:
+        raise RuntimeError(
+            f"hf_fsdp_loadfix: shard-on-read cannot fill {len(lacking)} entries that are not in the checkpoint (e.g. "
+            f"{lacking[0]}): modules added after from_pretrained have no source, and rank 0 kept no value of them "
+            "(peft adapters are kept under accelerate's path, where the FSDP variables are set for the whole job). "
+            "Set HF_FSDP_LOADFIX_SOURCE=local for this job.")
+    return {k: kept[k] for k in added if k in kept}
+
+
+def _from_rank0(keys, values, targets, done, place, loaded, device) -> int:
+    """``keys`` from rank 0 (``values``: its own), one broadcast per key in sorted order, each rank keeping its
+    slice; every rank calls it with the same keys. Returns the bytes broadcast."""
+    import torch.distributed as dist
+
     sent = 0
-    for key in sorted(source.missing):
+    for key in sorted(keys):
         target = targets[key]
         if id(target) in done:
             continue
-        dtype = source.loaded.get(key, target.dtype)
+        dtype = loaded.get(key, target.dtype)
         if dist.get_rank() == 0:
-            value = source.initialised[key].to(device=device, dtype=dtype).contiguous()
+            value = values[key].to(device=device, dtype=dtype).contiguous()
         else:
             value = torch.empty(target.shape, dtype=dtype, device=device)
         dist.broadcast(value, src=0, group=dist.group.WORLD)
         sent += value.numel() * value.element_size()
         done[id(target)] = place(key, target, value, whole=True)
-    source.initialised.clear()
     return sent
 
 
 def fill(model, device=None, cpu_offload=False) -> None:
-    """Fill every state-dict entry of the sharded ``model`` from the checkpoint: DTensors with this rank's slices,
-    plain tensors (persistent buffers) whole; a key the release converts at load, from its sources read whole. Local,
-    no collective. Raises naming the keys where the model holds entries the checkpoint does not (peft adapters
-    added after loading: load them on the default path)."""
+    """Fill every state-dict entry of the sharded ``model``: DTensors with this rank's slices of the checkpoint,
+    plain tensors (persistent buffers) whole; a key the release converts at load through its own loader. Local, no
+    collective, except for entries no file holds: keys the checkpoint lacks and peft adapters added after loading
+    come from rank 0 (raising on every rank, naming them, where rank 0 has no value of them)."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
@@ -341,13 +358,13 @@ def fill(model, device=None, cpu_offload=False) -> None:
         raise RuntimeError("hf_fsdp_loadfix: this model was not loaded for shard-on-read (HF_FSDP_LOADFIX_SOURCE="
                            f"sharded under FSDP cpu-ram-efficient loading): {last['shard_on_read']}")
     targets = root.state_dict(keep_vars=True)
-    unknown = sorted(k for k in targets if k not in source.files and k not in source.converted
-                     and k not in source.twins and k not in source.missing)
-    if unknown:
-        raise RuntimeError(
-            f"hf_fsdp_loadfix: shard-on-read cannot fill {len(unknown)} entries that are not in the checkpoint (e.g. "
-            f"{unknown[0]}): modules added after from_pretrained (peft adapters) have no source on any rank. Set "
-            "HF_FSDP_LOADFIX_SOURCE=local for this job.")
+    # peft's wrapper of a layer it adapts names the layer's own entries ``<layer>.base_layer.<name>``
+    aliases = {k: k.replace(".base_layer.", ".") for k in targets if ".base_layer." in k}
+    aliases = {k: v for k, v in aliases.items() if v in source.files and k not in source.files}
+    source.files.update({k: source.files[v] for k, v in aliases.items()})
+    source.loaded.update({k: source.loaded[v] for k, v in aliases.items() if v in source.loaded})
+    added = sorted(k for k in targets if k not in source.files and k not in source.converted
+                   and k not in source.twins and k not in source.missing)
     handles, done, filled = {}, {}, {}
     # keys read sliced (this rank's part only) and whole; of those, converted by the release's loader; from rank 0
     count = {"keys_sliced": 0, "keys_whole": 0, "keys_converted": 0, "bytes_read": 0, "keys_from_rank0": 0,
@@ -396,9 +413,16 @@ def fill(model, device=None, cpu_offload=False) -> None:
                     open_file, source.conversions[conversion][0])
             else:
                 count["bytes_read"] += sum(_nbytes(open_file(p).get_slice(n)) for p, n in source.conversions[conversion])
-        if source.missing:
-            count["keys_from_rank0"] = len(source.missing)
-            count["bytes_broadcast"] = _broadcast_missing(source, targets, done, place, device)
+        if source.missing or added:  # a collective: every rank has the same keys (the model, the headers)
+            import torch.distributed as dist
+
+            on = device or (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+                            else "cpu")
+            values = {**source.initialised, **_adapters(root, added, on)} if added else source.initialised
+            count["keys_from_rank0"] = len(source.missing) + len(added)
+            count["bytes_broadcast"] = _from_rank0([*source.missing, *added], values, targets, done, place,
+                                                   source.loaded, on)
+            source.initialised.clear()
         for key, twin in source.twins.items():  # tied to a converted or missing key: its twin's value
             done.setdefault(id(targets[key]), done[id(targets[twin])])
         filled = {key: done[id(target)] for key, target in targets.items()}

@@ -208,6 +208,30 @@ def dtype(kind, ckpt, args, rank):
     return {"error": None}
 
 
+def _lora_error(kind, ckpt):
+    """LoRA added after a load under fsdp_loading() alone (the FSDP variables unset by then): rank 0 kept no values of
+    the adapters, so fill_shards must raise on every rank, naming them."""
+    from models import load_class
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import fully_shard
+
+    import hf_fsdp_loadfix
+
+    saved = {k: os.environ.pop(k) for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")}
+    try:
+        with hf_fsdp_loadfix.fsdp_loading():
+            model = load_class(kind).from_pretrained(ckpt, **helpers.dtype_kwargs("float32"))
+    finally:
+        os.environ.update(saved)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    fully_shard(model)
+    try:
+        hf_fsdp_loadfix.fill_shards(model)
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
 def fill(kind, ckpt, args, rank):
     """The public shard-on-read call on torch-native FSDP2, with no FSDP variables set: ``fsdp_loading()`` around
     from_pretrained, ``fully_shard`` per decoder layer and on the root, ``fill_shards``."""
@@ -229,7 +253,7 @@ def fill(kind, ckpt, args, rank):
             fully_shard(module)
     fully_shard(model)
     hf_fsdp_loadfix.fill_shards(model)
-    return {"devices_after_load": devices, "variables_after": variables_after,
+    return {"devices_after_load": devices, "variables_after": variables_after, "lora_error": _lora_error(kind, ckpt),
             "shard_on_read": hf_fsdp_loadfix.status()["shard_on_read"],
             "logits": helpers.digest(helpers.forward(model)),
             "logits_plain": helpers.digest(helpers.forward(_plain(load_class(kind), ckpt))),

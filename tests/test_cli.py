@@ -199,15 +199,16 @@ def test_status_says_why_it_takes_seconds():
     """One line on stderr before the imports; --json's stdout stays JSON."""
     proc = cli("status", "--json")
     assert proc.returncode == 0 and json.loads(proc.stdout)["applied"]
-    assert proc.stderr.splitlines()[0] == ("hf-fsdp-loadfix status: importing transformers and accelerate to see "
-                                           "what a training process gets ...")
+    assert proc.stderr.splitlines()[0] == ("hf-fsdp-loadfix status: importing transformers, accelerate and peft to "
+                                           "see what a training process gets ...")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="accelerate's switches")
 def test_status_names_the_variable_that_disabled_it():
     """Each line names the one variable that is set, never 'A or B'; accelerate's prepare wrapper has its line."""
     off = cli("status", env={"HF_FSDP_LOADFIX": "0"}).stdout
-    for line in ("accelerate fix:  ", "rank-0 stream:   ", "prepare wrapper: "):
+    peft = ("peft adapters:   ",) if importlib.util.find_spec("peft") else ()
+    for line in ("accelerate fix:  ", "rank-0 stream:   ", "prepare wrapper: ", *peft):
         assert f"{line}disabled by HF_FSDP_LOADFIX=0\n" in off, off
     accel = cli("status", env={"HF_FSDP_LOADFIX_ACCELERATE": "0"}).stdout
     assert "accelerate fix:  disabled by HF_FSDP_LOADFIX_ACCELERATE=0\n" in accel, accel

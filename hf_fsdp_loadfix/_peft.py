@@ -1,0 +1,55 @@
+"""peft adapters under shard-on-read. peft creates an adapter on CPU (its own initialisation, from the process's
+random state) and then moves it to its base layer's device: under shard-on-read every base layer is on meta, on
+rank 0 too, so the values peft made would be lost on every rank. On local rank 0 this keeps them, cast as the
+default path's rank 0 ends with them (peft's own move, to CPU in the base layer's dtype), beside the layer; the
+fill broadcasts them from rank 0, named as the state dict names them. Every other case is peft's own move.
+"""
+
+import torch
+
+MOVE = "_move_adapter_to_device_of_base_layer"
+KEPT = "_hf_fsdp_loadfix_adapters"  # on a peft layer: {"lora_A.default.weight": tensor, ...}, local rank 0
+
+
+def _keeps(layer) -> bool:
+    """Local rank 0 of a shard-on-read FSDP load, and a base layer on meta."""
+    import sys
+
+    from . import _config, _runtime
+
+    if _config.source() != "sharded" or "transformers.modeling_utils" not in sys.modules:
+        return False
+    base = layer.get_base_layer()
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.device.type != "meta" or not _runtime.is_fsdp_load(False):
+        return False
+    with _runtime._acting(None):
+        return _runtime._modeling_utils().is_local_dist_rank_0()
+
+
+def move_adapter(wrapped, instance, args, kwargs):
+    """``BaseTunerLayer._move_adapter_to_device_of_base_layer(adapter_name, device=None)``."""
+    from ._runtime import _bind
+
+    bound = _bind(wrapped, args, kwargs)
+    if bound.arguments.get("device") is not None or not _keeps(instance):
+        return wrapped(*args, **kwargs)
+    adapter = bound.arguments["adapter_name"]
+    wrapped(adapter, device=torch.device("cpu"))  # as on the default path's rank 0: CPU, the base layer's dtype
+    kept = vars(instance).setdefault(KEPT, {})
+    for attr in (*instance.adapter_layer_names, *instance.other_param_names):
+        holder = getattr(instance, attr, None)
+        if isinstance(holder, torch.nn.Module) and adapter in getattr(holder, "keys", lambda: ())():
+            item = holder[adapter]
+            tensors = item.state_dict(keep_vars=True) if isinstance(item, torch.nn.Module) else {"": item}
+            for name, tensor in tensors.items():
+                if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                    kept[".".join(p for p in (attr, adapter, name) if p)] = tensor.detach().clone()
+    return wrapped(*args, **kwargs)
+
+
+def kept_values(root) -> dict:
+    """Local rank 0's kept adapter values under ``root``, by state-dict key (activation checkpointing's wrapper,
+    which the state dict does not name, left out of the module names)."""
+    return {f"{name.replace('_checkpoint_wrapped_module.', '')}.{key}": value
+            for name, module in root.named_modules() for key, value in vars(module).get(KEPT, {}).items()}
