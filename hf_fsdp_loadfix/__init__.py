@@ -94,8 +94,9 @@ def wait_for_rank0(model=None) -> None:
 def fill_shards(model) -> None:
     """After your own ``fully_shard`` of a model loaded for shard-on-read (:func:`fsdp_loading`, or
     ``HF_FSDP_LOADFIX_SOURCE=sharded`` under the FSDP variables): every rank reads its own slices of the checkpoint
-    into its shards, no collective. Call it before the first forward. Raises naming the reason where the model was
-    left to the default path (then broadcast rank 0's state dict instead)."""
+    into its shards, no collective (keys the checkpoint lacks, such as a new head, come from rank 0: then call it on
+    every rank). Call it before the first forward. Raises naming the reason where the model was left to the default
+    path (then broadcast rank 0's state dict instead)."""
     from ._sharded import fill
 
     mesh = next((p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh")), None)

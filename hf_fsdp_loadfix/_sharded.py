@@ -153,7 +153,8 @@ def plan(model, files, load_config=None, key_mapping=None):
         if load_config is None:
             renamed, conversions = _names_4x(model, headers, key_mapping, entries)
         else:
-            renamed, conversions = _names_5x(model, headers, getattr(load_config, "weight_mapping", None) or [], entries)
+            mapping = getattr(load_config, "weight_mapping", None) or []
+            renamed, conversions = _names_5x(model, headers, mapping, entries)
         if conversions and _loader()[0] is None:
             return None, "transformers converts keys at load and this release's loader cannot be called per conversion"
     except Exception as err:  # noqa: BLE001 - an unreadable header or a transform API this code does not know
@@ -412,7 +413,8 @@ def fill(model, device=None, cpu_offload=False) -> None:
                 count["bytes_read"] += sum(v.numel() for v, _ in made.values()) * _itemsize(
                     open_file, source.conversions[conversion][0])
             else:
-                count["bytes_read"] += sum(_nbytes(open_file(p).get_slice(n)) for p, n in source.conversions[conversion])
+                count["bytes_read"] += sum(_nbytes(open_file(p).get_slice(n))
+                                           for p, n in source.conversions[conversion])
         if source.missing or added:  # a collective: every rank has the same keys (the model, the headers)
             import torch.distributed as dist
 
@@ -440,9 +442,8 @@ def fill(model, device=None, cpu_offload=False) -> None:
                 swapped.add(id(target))
                 is_param = isinstance(target, torch.nn.Parameter)
                 torch.utils.swap_tensors(target, torch.nn.Parameter(value, target.requires_grad) if is_param else value)
-    last["shard_on_read"] = {**count,
-                             "files": sorted({os.path.basename(p) for p, _ in source.files.values()}
-                                             | {os.path.basename(p) for c in source.conversions.values() for p, _ in c})}
+    paths = {p for p, _ in source.files.values()} | {p for c in source.conversions.values() for p, _ in c}
+    last["shard_on_read"] = {**count, "files": sorted(os.path.basename(p) for p in paths)}
 
 
 _SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
