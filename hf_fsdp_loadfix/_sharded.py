@@ -223,12 +223,12 @@ def _sharded_on_dim_0(target) -> bool:
     return isinstance(target, DTensor) and all(p == Shard(0) or isinstance(p, Replicate) for p in target.placements)
 
 
-def _convert(root, source, conversion, keys, open_file):
-    """{key: (tensor, sliced)} for ``keys`` (the state-dict keys of one conversion), converted by the release's own
-    loader as the default path converts them, in the dtype from_pretrained gave them: this rank's local shard where the
-    conversion is slice-safe, else the full tensor, from its sources read whole. Each key's entry is replaced for the
-    call by a meta stand-in (a DTensor of the target's layout, or a plain tensor of its full shape), then put back, so
-    the loader keeps nothing."""
+def _convert(root, source, conversions, keys, open_file):
+    """{key: (tensor, sliced)} for ``keys`` (the state-dict keys of ``conversions``), converted by the release's own
+    loader in one call as the default path converts them, in the dtype from_pretrained gave them: this rank's local
+    shard where the conversion is slice-safe, else the full tensor, from its sources read whole. Each key's entry is
+    replaced for the call by a meta stand-in (a DTensor of the target's layout, or a plain tensor of its full shape),
+    then put back, so the loader keeps nothing."""
     from torch.distributed.tensor import DTensor
 
     load, extra = _loader()
@@ -239,7 +239,7 @@ def _convert(root, source, conversion, keys, open_file):
         slots = module._parameters if name in module._parameters else module._buffers
         original = slots[name]
         dtype = source.loaded.get(key, original.dtype)
-        sliced = conversion in source.sliceable and _sharded_on_dim_0(original)
+        sliced = source.converted[key] in source.sliceable and _sharded_on_dim_0(original)
         if sliced:
             local = original.to_local()
             stand_in = DTensor.from_local(torch.empty(local.shape, dtype=dtype, device="meta"), original.device_mesh,
@@ -251,7 +251,8 @@ def _convert(root, source, conversion, keys, open_file):
         slots[name] = torch.nn.Parameter(stand_in, original.requires_grad) if slots is module._parameters else stand_in
         put_back.append((key, module, slots, name, original))
     try:
-        state_dict = {name: open_file(path).get_slice(name) for path, name in source.conversions[conversion]}
+        state_dict = {name: open_file(path).get_slice(name)
+                      for c in conversions for path, name in source.conversions[c]}
         with _quiet_progress():
             load(model=root, state_dict=state_dict, load_config=source.load_config, **extra)
         made = {}
@@ -264,7 +265,7 @@ def _convert(root, source, conversion, keys, open_file):
     wrong = sorted(k for k, (v, _) in made.items() if v.device.type == "meta" or v.shape != expect[k][0])
     if wrong:
         raise RuntimeError(f"hf_fsdp_loadfix: shard-on-read: transformers' loader did not convert {wrong[0]} from "
-                           f"{[n for _, n in source.conversions[conversion]][:3]} to its shape. Set "
+                           f"{[n for _, n in source.conversions[source.converted[wrong[0]]]][:3]} to its shape. Set "
                            "HF_FSDP_LOADFIX_SOURCE=local for this job, and report this.")
     return made
 
@@ -403,18 +404,21 @@ def fill(model, device=None, cpu_offload=False) -> None:
         for key in targets:
             if key in source.converted and id(targets[key]) not in done:
                 conversions.setdefault(source.converted[key], []).append(key)
-        for conversion, keys in conversions.items():  # one at a time: only its full tensors are held
-            made = _convert(root, source, conversion, keys, open_file)
+        # the slice-safe ones in one call (each rank's shards only); the others one at a time (their full tensors)
+        calls = [[c for c in conversions if c in source.sliceable]] + [[c] for c in conversions
+                                                                        if c not in source.sliceable]
+        for call in filter(None, calls):
+            made = _convert(root, source, call, [k for c in call for k in conversions[c]], open_file)
             for key, (value, sliced) in made.items():
                 done[id(targets[key])] = place(key, targets[key], value, whole=not sliced)
                 count["keys_converted"] += 1
                 count["keys_sliced" if sliced else "keys_whole"] += 1
-            if all(sliced for _, sliced in made.values()):  # this rank's experts, read as stored
-                count["bytes_read"] += sum(v.numel() for v, _ in made.values()) * _itemsize(
-                    open_file, source.conversions[conversion][0])
-            else:
-                count["bytes_read"] += sum(_nbytes(open_file(p).get_slice(n))
-                                           for p, n in source.conversions[conversion])
+            for c in call:
+                if all(made[k][1] for k in conversions[c]):  # this rank's experts, read as stored
+                    count["bytes_read"] += sum(made[k][0].numel() for k in conversions[c]) * _itemsize(
+                        open_file, source.conversions[c][0])
+                else:
+                    count["bytes_read"] += sum(_nbytes(open_file(p).get_slice(n)) for p, n in source.conversions[c])
         if source.missing or added:  # a collective: every rank has the same keys (the model, the headers)
             import torch.distributed as dist
 
