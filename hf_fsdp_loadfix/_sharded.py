@@ -404,9 +404,11 @@ def fill(model, device=None, cpu_offload=False) -> None:
         for key in targets:
             if key in source.converted and id(targets[key]) not in done:
                 conversions.setdefault(source.converted[key], []).append(key)
-        # the slice-safe ones in one call (each rank's shards only); the others one at a time (their full tensors)
-        calls = [[c for c in conversions if c in source.sliceable]] + [[c] for c in conversions
-                                                                        if c not in source.sliceable]
+        # slice-safe without a cast in one call: the loader's pieces are views of the mapped files, it makes only
+        # this rank's shards. The others one at a time: cast pieces or full tensors are held until converted.
+        together = [c for c in conversions
+                    if c in source.sliceable and not _casts(source, c, conversions[c], open_file)]
+        calls = [together] + [[c] for c in conversions if c not in together]
         for call in filter(None, calls):
             made = _convert(root, source, call, [k for c in call for k in conversions[c]], open_file)
             for key, (value, sliced) in made.items():
@@ -451,6 +453,14 @@ def fill(model, device=None, cpu_offload=False) -> None:
 
 
 _SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _casts(source, conversion, keys, open_file) -> bool:
+    """Does from_pretrained give the keys of ``conversion`` another dtype than the checkpoint's?"""
+    path, name = source.conversions[conversion][0]
+    stored = _DTYPES.get(open_file(path).get_slice(name).get_dtype())
+    return any(source.loaded.get(k) != stored for k in keys)
 
 
 def _nbytes(tensor_slice) -> int:
