@@ -6,6 +6,13 @@ import torch
 FROM_RANK0 = "_hf_fsdp_loadfix_from_rank0"  # set by from_pretrained on every rank of an FSDP load the package serves
 
 
+def group_device():
+    """Where the default process group's collectives take their tensors: this rank's GPU under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+
+
 def from_rank0(model) -> bool:
     """Was (a module of) ``model`` loaded under FSDP cpu-ram-efficient loading, to be filled from rank 0?  Wrappers
     (peft, activation checkpointing, torch.compile) hold the loaded model as a submodule."""

@@ -21,10 +21,8 @@ def _keeps(layer) -> bool:
         return False
     base = layer.get_base_layer()
     weight = getattr(base, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.device.type != "meta" or not _runtime.is_fsdp_load(False):
-        return False
-    with _runtime._acting(None):
-        return _runtime._modeling_utils().is_local_dist_rank_0()
+    return isinstance(weight, torch.Tensor) and weight.device.type == "meta" and _runtime.is_fsdp_load(False) \
+        and _runtime.local_rank_0()
 
 
 def move_adapter(wrapped, instance, args, kwargs):

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 
 from . import _config, _sharded
-from ._broadcast import FROM_RANK0
+from ._broadcast import FROM_RANK0, group_device
 
 NATIVE = "_hf_fsdp_loadfix_native"  # set on a model whose load transformers distributes itself (DTensors at load)
 # inside one model's loading steps: what transformers' is_local_dist_rank_0 answers (None: its own answer)
@@ -193,7 +193,7 @@ def sync_non_persistent_buffers(model, mode: str) -> None:
                 "_init_weights does not recompute them; set HF_FSDP_LOADFIX_BUFFERS=broadcast to copy rank 0's."
             )
         return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    device = group_device()
     with torch.no_grad():
         for name, buf in named:
             if name in differ:
@@ -226,13 +226,17 @@ def loader_role(model):
     return _acting(True if getattr(model, NATIVE, False) else False if getattr(model, _sharded.SHARDED, None) else None)
 
 
-def initialises_missing(model) -> bool:
-    """Local rank 0 (as transformers itself answers) of a shard-on-read load whose checkpoint lacks keys: it runs
-    upstream's steps for those keys as the default path's rank 0 does."""
-    if not _sharded.initialises_missing(model):
-        return False
+def local_rank_0() -> bool:
+    """Is this local rank 0, as transformers itself answers outside any loading role?"""
     with _acting(None):
         return _modeling_utils().is_local_dist_rank_0()
+
+
+def initialises_missing(model) -> bool:
+    """Local rank 0 of a shard-on-read load whose checkpoint lacks keys: it runs upstream's steps for those keys as
+    the default path's rank 0 does (the other entries stay on meta, marked loaded, so upstream leaves them alone)."""
+    source = getattr(model, _sharded.SHARDED, None)
+    return bool(source and source.missing) and local_rank_0()
 
 
 def _meta_guard(module, args):

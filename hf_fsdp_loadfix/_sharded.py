@@ -36,6 +36,7 @@ import os
 
 import torch
 
+from ._broadcast import group_device
 from ._shard import as_target, local_index, local_slice
 
 logger = logging.getLogger("hf_fsdp_loadfix")
@@ -284,13 +285,6 @@ def _quiet_progress():
             hf_logging.enable_progress_bar()
 
 
-def initialises_missing(model) -> bool:
-    """Is this local rank 0 of a shard-on-read load whose checkpoint lacks keys?  It runs upstream's own steps for
-    those keys (the others stay on meta and are marked loaded, so upstream leaves them alone)."""
-    source = getattr(model, SHARDED, None)
-    return bool(source and source.missing)
-
-
 def keep_initialised(model) -> None:
     """After upstream initialised the missing keys on local rank 0: keep their values beside the model until the fill
     broadcasts them, and put the entries back on meta (rank 0 holds to the rules of the others)."""
@@ -417,15 +411,13 @@ def fill(model, device=None, cpu_offload=False) -> None:
                 count["keys_sliced" if sliced else "keys_whole"] += 1
             for c in call:
                 if all(made[k][1] for k in conversions[c]):  # this rank's experts, read as stored
-                    count["bytes_read"] += sum(made[k][0].numel() for k in conversions[c]) * _itemsize(
-                        open_file, source.conversions[c][0])
+                    path, name = source.conversions[c][0]
+                    stored = _itemsize_of(open_file(path).get_slice(name))
+                    count["bytes_read"] += sum(made[k][0].numel() for k in conversions[c]) * stored
                 else:
                     count["bytes_read"] += sum(_nbytes(open_file(p).get_slice(n)) for p, n in source.conversions[c])
         if source.missing or added:  # a collective: every rank has the same keys (the model, the headers)
-            import torch.distributed as dist
-
-            on = device or (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
-                            else "cpu")
+            on = device or group_device()
             values = {**source.initialised, **_adapters(root, added, on)} if added else source.initialised
             count["keys_from_rank0"] = len(source.missing) + len(added)
             count["bytes_broadcast"] = _from_rank0([*source.missing, *added], values, targets, done, place,
@@ -452,8 +444,9 @@ def fill(model, device=None, cpu_offload=False) -> None:
     last["shard_on_read"] = {**count, "files": sorted(os.path.basename(p) for p in paths)}
 
 
-_SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}  # safetensors' dtype names
 
 
 def _casts(source, conversion, keys, open_file) -> bool:
@@ -464,8 +457,9 @@ def _casts(source, conversion, keys, open_file) -> bool:
 
 
 def _nbytes(tensor_slice) -> int:
-    return math.prod(tensor_slice.get_shape()) * _SIZES.get(tensor_slice.get_dtype(), 4)
+    return math.prod(tensor_slice.get_shape()) * _itemsize_of(tensor_slice)
 
 
-def _itemsize(open_file, path_and_key) -> int:
-    return _SIZES.get(open_file(path_and_key[0]).get_slice(path_and_key[1]).get_dtype(), 4)
+def _itemsize_of(tensor_slice) -> int:
+    return _DTYPES.get(tensor_slice.get_dtype(), torch.float32).itemsize
+
