@@ -4,7 +4,6 @@
 ``transformers.modeling_utils.PreTrainedModel`` as soon as that module is imported, never importing it itself.
 """
 
-import importlib
 import sys
 import warnings
 from _thread import RLock
@@ -27,7 +26,7 @@ _PEFT = "peft.tuners.tuners_utils"
 _lock = RLock()
 _state = {"wanted": False, "hook": False, "class": None, "reason": "apply() not called", "originals": {},
           "accelerate": "not imported", "stream": "not imported", "prepare": "not imported", "peft": "not imported",
-          "case": None}
+          "fill": "not imported", "optimizer": "not imported", "case": None}
 
 
 def apply() -> None:
@@ -67,8 +66,8 @@ def revert() -> None:
             _rebind(aliases, attr, vars(owner)[attr], original)
             setattr(owner, attr, original)
         _state["originals"] = {}
-        _state.update({"class": None, "reason": "reverted", "accelerate": "reverted", "stream": "reverted",
-                       "prepare": "reverted", "peft": "reverted", "case": None})
+        _state.update({"class": None, "reason": "reverted", "case": None,
+                       **dict.fromkeys(("accelerate", "stream", "prepare", "peft", "fill", "optimizer"), "reverted")})
         stream = sys.modules.get(f"{__name__}._stream")
         if stream is not None:
             stream.applies = False
@@ -148,32 +147,6 @@ class _Trigger:
         return None
 
 
-def _select(modeling_utils, version: str):
-    """(patch set, None when the release is tested, else why it is patched untested) or (None, why not)."""
-    from . import versions
-
-    name = versions.class_for(version)
-    newer = versions.newer_than_table(version)
-    if name is None and not _config.forced():
-        if not newer:
-            return None, (
-                f"transformers {version} is older than the supported range {versions.SUPPORTED}; not patched "
-                "(set HF_FSDP_LOADFIX_FORCE=1 to try the newest patch set)"
-            )
-        if _config.strict():
-            return None, (
-                f"transformers {version} is newer than the newest tested release {versions.NEWEST_TESTED} and "
-                "HF_FSDP_LOADFIX_STRICT=1; not patched"
-            )
-    patches = importlib.import_module(f".classes.{name or versions.NEWEST}", __name__).PATCHES
-    mismatch = patches.mismatch(modeling_utils)
-    if mismatch:
-        return None, f"transformers {version} does not have the structure of {patches.name}: {mismatch}; not patched"
-    if name:
-        return patches, None
-    return patches, f"newer than {versions.NEWEST_TESTED}" if newer else "HF_FSDP_LOADFIX_FORCE=1"
-
-
 def _wrap(owner, attr, wrapper, aliases=()) -> None:
     """Wrap ``owner.attr``, and the modules named in ``aliases`` that already imported it by name (accelerate
     imported before the package); those imported later bind the wrapper itself."""
@@ -204,8 +177,10 @@ def _on_import(modeling_utils) -> None:
 
         from . import _runtime
 
+        from . import _gate, _kernels
+
         cls, version = modeling_utils.PreTrainedModel, transformers.__version__
-        patches, why = _select(modeling_utils, version)
+        patches, why = _gate.select(modeling_utils, version)
         if patches is None:
             if _state["reason"] != why:  # one warning per process
                 warnings.warn(f"hf_fsdp_loadfix: {why}", RuntimeWarning, stacklevel=2)
@@ -214,12 +189,27 @@ def _on_import(modeling_utils) -> None:
         for attr, (wrapper, _) in patches.targets.items():
             _wrap(cls, attr, wrapper)
         _wrap(modeling_utils, "is_local_dist_rank_0", _runtime.local_dist_rank_0)  # HF_FSDP_LOADFIX_SOURCE
+        hub_kernels = sys.modules.get(_kernels.MODULE)
+        if _kernels.mismatch(hub_kernels) is None:  # every release with the kernels step, C7 or not
+            _wrap(hub_kernels, _kernels.TARGET, _kernels.kernelize)
         _state["class"], _state["reason"] = patches.name, None
-        _state["case"] = f"untested ({why}), structure matches {patches.name}" if why else "tested"
+        _state["case"] = f"untested ({why}), structure matches {patches.name}; proven at the first FSDP load" if why \
+            else "tested"
         _runtime.untested_release = bool(why)
+        _runtime.proof = _gate.Proof(version, _step_aside) if why else None
         if why:
             warnings.warn(f"hf_fsdp_loadfix: transformers {version} is untested ({why}); patched because its "
-                          f"structure matches {patches.name}", RuntimeWarning, stacklevel=2)
+                          f"structure matches {patches.name}, if it passes a proof at the first FSDP load",
+                          RuntimeWarning, stacklevel=2)
+
+
+def _step_aside(why: str) -> None:
+    """An untested release failed the proof: this process runs as upstream (``revert``), and status says why."""
+    with _lock:
+        revert()
+        _state["reason"], _state["case"] = why, f"refused: {why}"
+        for hook in ("accelerate", "stream", "prepare", "peft", "fill", "optimizer"):
+            _state[hook] = f"reverted: {why}"
 
 
 def _disabled() -> str | None:
@@ -230,9 +220,10 @@ def _disabled() -> str | None:
 
 
 def _on_accelerate_import(fsdp_utils) -> None:
-    """The wait for rank 0 around ``fsdp2_prepare_model`` whenever the package is on (the transformers patch leaves
-    meta weights whatever the accelerate switch says); the #3898 fix and the stream unless
-    HF_FSDP_LOADFIX_ACCELERATE=0."""
+    """Each accelerate hook where what it is for applies (``_accelerate``): the wait for rank 0 around
+    ``fsdp2_prepare_model`` whenever the package is on (the transformers patch leaves meta weights whatever the
+    accelerate switch says), and the shard-on-read fill inside ``fsdp2_load_full_state_dict``; the accelerate#3898 fix
+    and the rank-0 stream unless HF_FSDP_LOADFIX_ACCELERATE=0."""
     from . import _accelerate, _stream
 
     with _lock:
@@ -240,25 +231,27 @@ def _on_accelerate_import(fsdp_utils) -> None:
             return
         _config.validate()
         if not _config.enabled():
-            _state["accelerate"] = _state["stream"] = _state["prepare"] = _disabled()
+            _state["accelerate"] = _state["stream"] = _state["prepare"] = _state["fill"] = _disabled()
             return
         if callable(getattr(fsdp_utils, _accelerate.PREPARE, None)):
             _wrap(fsdp_utils, _accelerate.PREPARE, _accelerate.prepare_fsdp2, _ACCELERATE_ALIASES)
+        load_why = _accelerate.load_mismatch(fsdp_utils)
+        if load_why is None:
+            _wrap(fsdp_utils, _accelerate.TARGET, _accelerate.load_full_state_dict, _ACCELERATE_ALIASES)
+        _state["fill"] = load_why or "applied"
         if _disabled():
             _state["accelerate"] = _state["stream"] = _disabled()
             return
-        why = _accelerate.mismatch(fsdp_utils)
-        # streaming replaces the load that the #3898 fix wraps: only where that fix applies
-        stream_why = _stream.mismatch(fsdp_utils) if why is None else f"not applied: the accelerate fix is {why}"
-        if why is None:
-            _wrap(fsdp_utils, _accelerate.TARGET, _accelerate.load_full_state_dict, _ACCELERATE_ALIASES)
-        _stream.applies = stream_why is None
-        _state["accelerate"], _state["stream"] = why or "applied", stream_why or "applied"
+        fix_why = load_why or _accelerate.mismatch(fsdp_utils)
+        stream_why = load_why or _stream.mismatch(fsdp_utils)
+        _accelerate.buffer_fix, _stream.applies = fix_why is None, stream_why is None
+        _state["accelerate"], _state["stream"] = fix_why or "applied", stream_why or "applied"
 
 
 def _on_accelerator_import(accelerator) -> None:
     """``Accelerator.prepare_model`` (FSDP1, DDP, no wrapper): the wait for rank 0, and the fill of a model prepared
-    without FSDP; ``Accelerator._prepare_fsdp2``: the optimizer's parameters mapped right for meta parameters."""
+    without FSDP; ``Accelerator._prepare_fsdp2``: the optimizer's parameters mapped right for meta parameters, where
+    accelerate maps them by ``data_ptr()``."""
     from . import _accelerate
 
     with _lock:
@@ -267,12 +260,13 @@ def _on_accelerator_import(accelerator) -> None:
             return
         _config.validate()
         if not _config.enabled():
-            _state["prepare"] = _disabled()
+            _state["prepare"] = _state["optimizer"] = _disabled()
             return
         _wrap(owner, "prepare_model", _accelerate.prepare_model)
-        if callable(vars(owner).get("_prepare_fsdp2")):
+        why = _accelerate.optimizer_mismatch(accelerator)
+        if why is None:
             _wrap(owner, "_prepare_fsdp2", _accelerate.prepare_fsdp2_accelerator)
-        _state["prepare"] = "applied"
+        _state["prepare"], _state["optimizer"] = "applied", why or "applied"
 
 
 def _on_peft_import(tuners_utils) -> None:

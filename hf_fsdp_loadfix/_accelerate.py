@@ -6,11 +6,16 @@ model ``Accelerator.prepare_model`` prepares without FSDP (``Accelerator(cpu=Tru
 the FSDP variables still set) is filled from rank 0 first (``_broadcast.fill_from_rank0``): DDP cannot copy out of
 meta, and a model with no wrapper would keep meta weights.
 
-accelerate 1.6.0-1.15.0 (recognised by structure): ``fsdp2_load_full_state_dict`` assumes every state-dict
-entry is a DTensor, so a persistent plain-tensor buffer (DeepSeek-V3's ``e_score_correction_bias``) crashes it on
-rank 0 with ``'Tensor' object has no attribute 'device_mesh'`` (accelerate#3898). The wrapper broadcasts such
-buffers whole from rank 0 (dtype preserved, sorted by name, before accelerate's own broadcasts on every rank) and
-hides them from accelerate while it handles the DTensors exactly as before."""
+Each accelerate hook is gated on what it is for, recognised by structure, not by version:
+- ``fsdp2_load_full_state_dict`` (1.6+) is wrapped wherever it exists: shard-on-read fills there (every rank reads its
+  own slices), and the rank-0 stream replaces it where ``_stream`` recognises it.
+- The accelerate#3898 fix (``buffer_fix``), where the load still assumes every state-dict entry is a DTensor
+  (1.6.0-1.15.0): a persistent plain-tensor buffer (DeepSeek-V3's ``e_score_correction_bias``) crashes it on rank 0
+  with ``'Tensor' object has no attribute 'device_mesh'``. The wrapper broadcasts such buffers whole from rank 0
+  (dtype preserved, sorted by name, before accelerate's own broadcasts on every rank) and hides them from accelerate
+  while it handles the DTensors exactly as before. 1.16 handles plain tensors itself. The stream always does this.
+- The optimizer mapping (``prepare_fsdp2_accelerator``), where ``Accelerator._prepare_fsdp2`` maps parameters by
+  ``data_ptr()`` (1.6-1.15); 1.16 maps meta parameters by identity itself (``_get_parameter_id``)."""
 
 import ast
 import inspect
@@ -24,6 +29,35 @@ from ._runtime import _bind, _owned_buffers
 TARGET = "fsdp2_load_full_state_dict"
 PREPARE = _stream.PREPARE
 PARAMS = ("accelerator", "model", "full_sd")  # what the wrapper passes positionally
+buffer_fix = False  # set where accelerate's load has accelerate#3898's shape (``mismatch`` is None)
+
+
+def load_mismatch(fsdp_utils) -> str | None:
+    """None when ``fsdp2_load_full_state_dict`` exists with the parameters the wrapper passes, else why not."""
+    import accelerate
+
+    fn = getattr(fsdp_utils, TARGET, None)
+    if not callable(fn):
+        return f"not applied: accelerate {accelerate.__version__} has no {TARGET}"
+    params = tuple(inspect.signature(fn).parameters)
+    if params[:3] != PARAMS:
+        return f"not applied: accelerate's {TARGET}{params} does not start with {PARAMS}"
+    return None
+
+
+def optimizer_mismatch(accelerator_module) -> str | None:
+    """None when ``Accelerator._prepare_fsdp2`` maps the optimizer's parameters by ``data_ptr()`` (0 for every meta
+    parameter), else why the mapping is left to accelerate."""
+    import accelerate
+
+    fn = vars(accelerator_module.Accelerator).get("_prepare_fsdp2")
+    if not callable(fn):
+        return f"not needed: accelerate {accelerate.__version__} has no Accelerator._prepare_fsdp2"
+    names = inspect.unwrap(fn).__code__.co_names
+    if "_get_parameter_id" in names or "data_ptr" not in names:
+        return (f"not needed: accelerate {accelerate.__version__} maps meta parameters by identity itself "
+                "(_get_parameter_id)")
+    return None
 
 
 def mismatch(fsdp_utils) -> str | None:
@@ -31,12 +65,10 @@ def mismatch(fsdp_utils) -> str | None:
     else why it is not wrapped."""
     import accelerate
 
-    fn = getattr(fsdp_utils, TARGET, None)
-    if not callable(fn):
-        return f"not needed: accelerate {accelerate.__version__} has no {TARGET}"
-    params = tuple(inspect.signature(fn).parameters)
-    if params[:3] != PARAMS:
-        return f"not applied: accelerate's {TARGET}{params} does not start with {PARAMS}"
+    why = load_mismatch(fsdp_utils)
+    if why:
+        return why
+    fn = getattr(fsdp_utils, TARGET)
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn))))
     except (OSError, TypeError, SyntaxError):
@@ -95,6 +127,9 @@ def load_full_state_dict(wrapped, instance, args, kwargs):
         if _sharded.source_of(model)[1] is not None:  # every rank reads its own slices: nothing to broadcast
             _sharded.fill(model, accelerator.device, *rest, **kw)
             return model
+        stream = _stream.stream_for(model)
+        if stream is None and not buffer_fix:
+            return wrapped(accelerator, model, full_sd, *rest, **kw)
         plain = _plain_buffers(model)
         for key, owners in plain:
             current = owners[0][0]._buffers[owners[0][1]]
@@ -109,7 +144,6 @@ def load_full_state_dict(wrapped, instance, args, kwargs):
                 # the zip-ordered loop of accelerate 1.6-1.13 stays aligned
                 owner._non_persistent_buffers_set.add(leaf)
         try:
-            stream = _stream.stream_for(model)
             if stream is not None:
                 return _stream.load(stream, accelerator, model, *rest, **kw)
             keys = {key for key, _ in plain}
@@ -149,10 +183,10 @@ def prepare_model(wrapped, instance, args, kwargs):
 
 
 def prepare_fsdp2_accelerator(wrapped, instance, args, kwargs):
-    """``Accelerator._prepare_fsdp2(*args)`` (``prepare(model, optimizer)`` under FSDP2) maps the optimizer's
-    parameters to the sharded ones by ``data_ptr()``, which is 0 for every meta parameter: off rank 0 (and on every
-    rank under shard-on-read) the optimizer would end with one parameter repeated, and train silently wrong. Each
-    meta parameter answers a distinct ``data_ptr()`` (its ``id``) for the duration of the call."""
+    """``Accelerator._prepare_fsdp2(*args)`` (``prepare(model, optimizer)`` under FSDP2) of accelerate 1.6-1.15 maps the
+    optimizer's parameters to the sharded ones by ``data_ptr()``, which is 0 for every meta parameter: off rank 0 (and
+    on every rank under shard-on-read) the optimizer would end with one parameter repeated, and train silently wrong.
+    Each meta parameter answers a distinct ``data_ptr()`` (its ``id``) for the duration of the call."""
     shadowed = [p for obj in args if _broadcast.from_rank0(obj) for p in obj.parameters() if p.device.type == "meta"]
     for param in shadowed:
         param.data_ptr = (lambda key=id(param): key)

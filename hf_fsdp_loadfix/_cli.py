@@ -22,6 +22,8 @@ def status_text(report: dict) -> str:
         f"accelerate fix:  {report['accelerate_fix']}",
         f"rank-0 stream:   {report['accelerate_stream']}",
         f"prepare wrapper: {report['accelerate_prepare']}",
+        f"sharded fill:    {report['accelerate_fill']}",
+        f"optimizer map:   {report['accelerate_optimizer']}",
         f"peft adapters:   {report['peft_adapters']}",
         f"startup hook:    {'installed: ' + hook if hook else 'not installed: import hf_fsdp_loadfix in your script'}",
         f"options:         {', '.join(f'{k}={v}' for k, v in (report['options'] or {}).items()) or 'invalid'}",

@@ -37,13 +37,14 @@ def enabled() -> bool:
 
 
 def forced() -> bool:
-    """HF_FSDP_LOADFIX_FORCE=1 applies the newest patch set to a release the policy refuses (older than the table,
-    or newer under STRICT) if its structure matches."""
+    """HF_FSDP_LOADFIX_FORCE=1 applies the newest patch set to a release older than the table if its structure
+    matches (then proven as an untested release is)."""
     return env_flag("HF_FSDP_LOADFIX_FORCE", False)
 
 
 def strict() -> bool:
-    """HF_FSDP_LOADFIX_STRICT=1 patches tested releases only (default: also newer ones whose structure matches)."""
+    """HF_FSDP_LOADFIX_STRICT=1: an untested release that fails the proof (``_gate.Proof``) is an error at the load,
+    instead of the package stepping aside with a warning."""
     return env_flag("HF_FSDP_LOADFIX_STRICT", False)
 
 

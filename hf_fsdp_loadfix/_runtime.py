@@ -21,6 +21,19 @@ from ._broadcast import FROM_RANK0, group_device
 NATIVE = "_hf_fsdp_loadfix_native"  # set on a model whose load transformers distributes itself (DTensors at load)
 # inside one model's loading steps: what transformers' is_local_dist_rank_0 answers (None: its own answer)
 _role = contextvars.ContextVar("hf_fsdp_loadfix_role", default=None)
+# an untested release's proof (_gate.Proof), settled before the first FSDP load the patch changes; None: tested
+proof = None
+_proving = contextvars.ContextVar("hf_fsdp_loadfix_proving", default=False)
+
+
+@contextlib.contextmanager
+def proving():
+    """The proof's own load: the non-rank-0 meta path on every rank, no shard-on-read, no collective."""
+    token = _proving.set(True)
+    try:
+        yield
+    finally:
+        _proving.reset(token)
 
 
 def _modeling_utils():
@@ -223,7 +236,8 @@ def _acting(role):
 def loader_role(model):
     """Around upstream's steps of loading ``model``: a load transformers distributes, every rank is its own loader
     (local rank 0); a shard-on-read load, no rank is (each fills its shards from the files later)."""
-    return _acting(True if getattr(model, NATIVE, False) else False if getattr(model, _sharded.SHARDED, None) else None)
+    sharded = getattr(model, _sharded.SHARDED, None) or _proving.get()
+    return _acting(True if getattr(model, NATIVE, False) else False if sharded else None)
 
 
 def local_rank_0() -> bool:
@@ -301,7 +315,7 @@ def initialize_missing_keys(wrapped, instance, args, kwargs):
     else:
         with loader_role(instance):
             result = init_non_persistent_buffers(instance) if target else wrapped(*args, **kwargs)
-    if is_fsdp_load(is_quantized):
+    if is_fsdp_load(is_quantized) and not _proving.get():
         sync_non_persistent_buffers(instance, _config.buffers())
     if target:
         verify_contract(instance)  # after the collective above, so that a raise here cannot hang the others
@@ -333,6 +347,8 @@ def load_pretrained_model(wrapped, instance, args, kwargs):
     if distributed_by_transformers(model, load_config):
         setattr(model, NATIVE, True)  # upstream reads each rank's slices; its post-load steps run as on rank 0
         return wrapped(*args, **kwargs)
+    if proof is not None and not _proving.get() and not proof.holds():  # failed: the package has stepped aside
+        return wrapped(*args, **kwargs)
     from ._checkpoint import check_checkpoint
 
     check_checkpoint(
@@ -342,7 +358,7 @@ def load_pretrained_model(wrapped, instance, args, kwargs):
         compare_shapes=load_config is None and not options.ignore_mismatched_sizes,
     )
     setattr(model, FROM_RANK0, True)  # on every rank: accelerate's prepare waits for rank 0, fills a non-FSDP model
-    if _config.source() == "sharded" and arg["state_dict"] is None:
+    if _config.source() == "sharded" and arg["state_dict"] is None and not _proving.get():
         _sharded.decide(model, arg["checkpoint_files"], load_config, arg.get("key_mapping"))
     with loader_role(model):
         if load_config is None or not is_target(load_config.is_quantized):

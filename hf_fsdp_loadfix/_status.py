@@ -108,6 +108,8 @@ def report(state: dict) -> dict:
         "accelerate_fix": state["accelerate"] if _installed("accelerate") else "not installed",
         "accelerate_stream": state["stream"] if _installed("accelerate") else "not installed",
         "accelerate_prepare": state["prepare"] if _installed("accelerate") else "not installed",
+        "accelerate_fill": state["fill"] if _installed("accelerate") else "not installed",  # shard-on-read's fill
+        "accelerate_optimizer": state["optimizer"] if _installed("accelerate") else "not installed",
         "peft_adapters": state["peft"] if _installed("peft") else "not installed",  # kept for shard-on-read
         "options": options,
         "startup_hook": startup_hook(),

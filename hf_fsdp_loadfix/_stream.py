@@ -26,12 +26,18 @@ from ._shard import as_target, local_slice
 
 PREPARE = "fsdp2_prepare_model"
 LOAD = "fsdp2_load_full_state_dict"
-# everything accelerate 1.14-1.15's fsdp2_load_full_state_dict calls: the load below replaces it, so a release that
-# calls anything else (or no longer calls one of these) is not streamed
-LOAD_CALLS = {"KeyError", "_cast_and_contiguous", "_infer_parameter_dtype", "broadcast", "contiguous", "detach",
-              "distribute_tensor", "empty", "get_parameter_or_buffer", "get_submodule", "getattr", "hasattr",
-              "is_contiguous", "isinstance", "items", "len", "load_state_dict", "rsplit", "size", "state_dict", "to",
-              "to_local"}
+# everything accelerate's fsdp2_load_full_state_dict calls, per release that streaming replaces: a release that calls
+# anything else (or no longer calls one of these) is not streamed
+LOAD_CALLS = {
+    "1.14-1.15": {"KeyError", "_cast_and_contiguous", "_infer_parameter_dtype", "broadcast", "contiguous", "detach",
+                  "distribute_tensor", "empty", "get_parameter_or_buffer", "get_submodule", "getattr", "hasattr",
+                  "is_contiguous", "isinstance", "items", "len", "load_state_dict", "rsplit", "size", "state_dict",
+                  "to", "to_local"},
+    # plain tensors handled (accelerate#3898 fixed), the target's dtype read through getattr
+    "1.16": {"KeyError", "_cast_and_contiguous", "_get_target_contiguity_and_dtype", "broadcast", "contiguous",
+             "detach", "distribute_tensor", "empty", "get_submodule", "getattr", "is_contiguous", "isinstance",
+             "items", "len", "load_state_dict", "rpartition", "size", "state_dict", "to", "to_local"},
+}
 _active = contextvars.ContextVar("hf_fsdp_loadfix_stream", default=None)
 applies = False  # set where this accelerate's structure is the one streamed (``mismatch`` is None)
 
@@ -78,10 +84,11 @@ def mismatch(fsdp_utils) -> str | None:
                 "capturing the state dict it broadcasts")
     params = tuple(inspect.signature(load).parameters)
     calls = _calls(load_tree)
-    if params != ("accelerator", "model", "full_sd", "cpu_offload") or calls != LOAD_CALLS:
-        diff = sorted(calls ^ LOAD_CALLS)
-        return (f"not applied: accelerate {accelerate.__version__}'s {LOAD}{params} is not the one streaming "
-                f"replaces (1.14-1.15){'; calls differ: ' + ', '.join(diff) if diff else ''}")
+    if params != ("accelerator", "model", "full_sd", "cpu_offload") or calls not in LOAD_CALLS.values():
+        nearest = min(LOAD_CALLS.values(), key=lambda known: len(calls ^ known))
+        diff = sorted(calls ^ nearest)
+        return (f"not applied: accelerate {accelerate.__version__}'s {LOAD}{params} is not one streaming replaces "
+                f"({', '.join(LOAD_CALLS)}){'; calls differ: ' + ', '.join(diff) if diff else ''}")
     return None
 
 
@@ -142,7 +149,7 @@ def stream_for(model):
 
 
 def load(stream, accelerator, model, cpu_offload=False):
-    """accelerate 1.14's ``fsdp2_load_full_state_dict`` (key-based, one broadcast per key from global rank 0, each
+    """accelerate 1.14-1.16's ``fsdp2_load_full_state_dict`` (key-based, one broadcast per key from global rank 0, each
     shard cast to the parameter's dtype, contiguous as the parameter is, on CPU under ``cpu_offload``), streamed:
     each tensor is broadcast once in its loaded dtype (received into one reused buffer the size of the largest tensor:
     no allocation per tensor, so no fragmentation), each rank copies out its own slice as torch's

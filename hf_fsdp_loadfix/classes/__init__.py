@@ -40,6 +40,8 @@ class PatchSet:
     load_config: tuple[str, ...] = ()
     # transformers.initialization.guard_torch_init_functions, entered around _init_weights (5.x)
     init_guard: bool = False
+    # transformers.integrations.hub_kernels' kernelize step, given local rank 0's device on a meta model (_kernels)
+    kernels: bool = False
 
     def mismatch(self, modeling_utils) -> str | None:
         """Every way this release's structure does not fit the patch set, one clause each; None when it fits."""
@@ -80,6 +82,12 @@ class PatchSet:
             init = sys.modules.get("transformers.initialization")
             if not callable(getattr(init, "guard_torch_init_functions", None)):
                 found.append("transformers.initialization.guard_torch_init_functions is missing")
+        if self.kernels:
+            from .. import _kernels
+
+            why = _kernels.mismatch(sys.modules.get(_kernels.MODULE))
+            if why:
+                found.append(why)
         if self.load_config:
             config = getattr(mu, "LoadStateDictConfig", None)
             if not dataclasses.is_dataclass(config):
