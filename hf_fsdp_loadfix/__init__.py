@@ -193,19 +193,23 @@ def _on_import(modeling_utils) -> None:
         if _kernels.mismatch(hub_kernels) is None:  # every release with the kernels step, C7 or not
             _wrap(hub_kernels, _kernels.TARGET, _kernels.kernelize)
         _state["class"], _state["reason"] = patches.name, None
-        _state["case"] = f"untested ({why}), structure matches {patches.name}; proven at the first FSDP load" if why \
+        _state["case"] = f"untested ({why}), structure matches {patches.name}; to be proven at the first FSDP load" if why \
             else "tested"
         _runtime.untested_release = bool(why)
-        _runtime.proof = _gate.Proof(version, _step_aside) if why else None
+        _runtime.proof = _gate.Proof(version, _proven) if why else None
         if why:
             warnings.warn(f"hf_fsdp_loadfix: transformers {version} is untested ({why}); patched because its "
                           f"structure matches {patches.name}, if it passes a proof at the first FSDP load",
                           RuntimeWarning, stacklevel=2)
 
 
-def _step_aside(why: str) -> None:
-    """An untested release failed the proof: this process runs as upstream (``revert``), and status says why."""
+def _proven(why: str | None) -> None:
+    """An untested release passed the proof (``why`` None), or failed it: then this process runs as upstream
+    (``revert``), and status says why."""
     with _lock:
+        if why is None:
+            _state["case"] = _state["case"].replace("to be proven at the first FSDP load", "proven in this process")
+            return
         revert()
         _state["reason"], _state["case"] = why, f"refused: {why}"
         for hook in ("accelerate", "stream", "prepare", "peft", "fill", "optimizer"):

@@ -41,17 +41,20 @@ class Proof:
     tie kept, every non-persistent buffer real and equal to the saved model's. About 0.2 s; the global RNG is left
     as it was.
 
-    ``holds()`` is True when it passed. When it fails, ``on_failure(message)`` is called (it reverts the package in
-    this process, so the job runs as upstream), or with ``HF_FSDP_LOADFIX_STRICT=1`` one error is raised."""
+    ``holds()`` is True when it passed. ``on_verdict`` is called once, with None when it passed, else with why (it
+    then reverts the package in this process, so the job runs as upstream); with ``HF_FSDP_LOADFIX_STRICT=1`` a
+    failure is one error instead, raised at every load."""
 
-    def __init__(self, version: str, on_failure):
-        self.version, self.on_failure, self.verdict = version, on_failure, None
+    def __init__(self, version: str, on_verdict):
+        self.version, self.on_verdict, self.verdict = version, on_verdict, None
 
     def holds(self) -> bool:
         first = self.verdict is None
         if first:
             self.verdict = self._run()
         if not self.verdict:
+            if first:
+                self.on_verdict(None)
             return True
         message = (f"hf_fsdp_loadfix: transformers {self.version} is untested (newer than {versions.NEWEST_TESTED}) "
                    f"and the package's meta path fails on it ({self.verdict})")
@@ -63,14 +66,16 @@ class Proof:
             warnings.warn(f"{message}; the package steps aside in this process and the job runs as upstream "
                           "(HF_FSDP_LOADFIX=0 silences this; pin a tested release: constraints.txt)",
                           RuntimeWarning, stacklevel=2)
-            self.on_failure(f"transformers {self.version} failed the proof: {self.verdict}; not patched")
+            self.on_verdict(f"transformers {self.version} failed the proof: {self.verdict}; not patched")
         return False
 
     def _run(self) -> str:
         """'' when the proof passes, else the failing step and the error's last line."""
+        import os
         import tempfile
 
         import torch
+        from safetensors.torch import save_model
         from transformers import LlamaConfig, LlamaForCausalLM
         from transformers.utils import logging
 
@@ -81,7 +86,10 @@ class Proof:
         try:
             with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as folder:
                 saved = LlamaForCausalLM(LlamaConfig(**TINY))
-                saved.save_pretrained(folder)
+                # not save_pretrained: under torch.distributed it writes on global rank 0 only, and the verdict must
+                # not depend on the rank
+                saved.config.to_json_file(os.path.join(folder, "config.json"))
+                save_model(saved, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
                 step = "from_pretrained on the meta path"
                 with _runtime.proving():
                     model = LlamaForCausalLM.from_pretrained(folder)

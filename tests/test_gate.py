@@ -48,13 +48,13 @@ def py_json(code, env=None):
     "version,expected",
     [("4.52.4", None), ("4.53.0", "c1"), ("4.56.2", "c1"), ("4.57.0", "c2"), ("4.57.6", "c2"), ("5.0.0", "c3"),
      ("5.3.0", "c3"), ("5.4.0", "c4"), ("5.5.4", "c4"), ("5.6.0", "c5"), ("5.22.2", "c5"), ("5.23.0", "c6"),
-     ("5.23.1", "c6"), ("5.24.0", "c6"), (NEXT, None), (f"{NEXT}.dev0", None), ("6.0.0", None)],
+     ("5.23.1", "c6"), ("5.24.0", "c6"), ("5.25.0", "c7"), ("5.25.3", "c7"), (NEXT, None), (f"{NEXT}.dev0", None), ("6.0.0", None)],
 )
 def test_version_table(version, expected):
     assert versions.class_for(version) == expected
 
 
-@pytest.mark.parametrize("version,newer", [("4.52.4", False), ("5.24.1", False), (NEXT, True),
+@pytest.mark.parametrize("version,newer", [("4.52.4", False), ("5.25.1", False), (NEXT, True),
                                            (f"{NEXT}.dev0", True), ("6.0.0", True)])
 def test_newer_than_table(version, newer):
     assert versions.newer_than_table(version) == newer
@@ -108,8 +108,10 @@ def test_startup_hook_fixes_unmodified_script(checkpoints, tmp_path):
     assert rank1["non_persistent"] == rank0["non_persistent"]
 
 
-# C6's structure (the newest patch set) fits 5.1+; 5.0.0 lacks _finalize_model_loading, 4.x is another shape
-C6_FITS = Version(transformers.__version__) >= Version("5.1")
+# the newest patch set's structure (C7: C6's loading functions, and from_pretrained's kernels step through the kernels
+# package) fits 5.25+; 5.1-5.24 lack that step or the kernels package, 5.0.0 lacks _finalize_model_loading
+NEWEST_FITS = Version(transformers.__version__) >= Version("5.25")
+NEWEST = versions.NEWEST.upper()
 
 RELABEL = """
     import transformers
@@ -132,33 +134,34 @@ def test_older_release_refused_with_one_warning():
     assert not status["applied"] and status["case"] == f"refused: {status['reason']}" and wrapped == []
 
 
-def test_next_minor_patched_by_structure_with_one_warning_strict_refuses():
-    """The newest tested release labelled as the next minor: patched without FORCE when C6's structure fits, one
-    warning naming both releases; refused for structure where it does not (4.x, 5.0.0); STRICT keeps the refusal."""
-    messages, status, wrapped = relabelled(NEXT)
-    assert len(messages) == 1 and NEXT in messages[0]
-    if C6_FITS:
-        assert status["applied"] and status["class"] == "C6" and wrapped == sorted(TARGETS_5)
-        assert status["case"] == f"untested (newer than {versions.NEWEST_TESTED}), structure matches C6"
-        assert messages[0] == (f"hf_fsdp_loadfix: transformers {NEXT} is untested (newer than "
-                               f"{versions.NEWEST_TESTED}); patched because its structure matches C6")
-    else:
-        assert not status["applied"] and wrapped == [] and "does not have the structure of C6" in messages[0]
-        assert status["case"] == f"refused: {status['reason']}"
-        assert "PreTrainedModel._finalize_model_loading is missing" in status["reason"]
-    messages, status, wrapped = relabelled(NEXT, env={"HF_FSDP_LOADFIX_STRICT": "1"})
-    assert len(messages) == 1 and "HF_FSDP_LOADFIX_STRICT=1" in messages[0] and versions.NEWEST_TESTED in messages[0]
-    assert not status["applied"] and wrapped == [] and "HF_FSDP_LOADFIX_STRICT=1" in status["case"]
+def test_next_minor_patched_by_structure_with_one_warning():
+    """The newest tested release labelled as the next minor: patched without FORCE when the newest class's structure
+    fits, one warning naming both releases, to be proven at the first FSDP load (tests/test_contract.py); refused for
+    structure where it does not. STRICT does not refuse it: it turns a failed proof into an error."""
+    for env in ({}, {"HF_FSDP_LOADFIX_STRICT": "1"}):
+        messages, status, wrapped = relabelled(NEXT, env=env)
+        assert len(messages) == 1 and NEXT in messages[0]
+        if NEWEST_FITS:
+            assert status["applied"] and status["class"] == NEWEST and wrapped == sorted(TARGETS_5)
+            assert status["case"] == (f"untested (newer than {versions.NEWEST_TESTED}), structure matches {NEWEST}; "
+                                      "to be proven at the first FSDP load")
+            assert messages[0] == (f"hf_fsdp_loadfix: transformers {NEXT} is untested (newer than "
+                                   f"{versions.NEWEST_TESTED}); patched because its structure matches {NEWEST}, if "
+                                   "it passes a proof at the first FSDP load")
+        else:
+            assert not status["applied"] and wrapped == [] and f"does not have the structure of {NEWEST}" in messages[0]
+            assert status["case"] == f"refused: {status['reason']}"
 
 
 def test_force_applies_newest_class_when_structure_matches():
-    """FORCE keeps its meaning for a release the policy refuses: older than the table, or newer under STRICT."""
-    messages, status, wrapped = relabelled("4.52.4", env={"HF_FSDP_LOADFIX_FORCE": "1", "HF_FSDP_LOADFIX_STRICT": "1"})
-    if C6_FITS:
-        assert status["applied"] and status["class"] == "C6" and wrapped == sorted(TARGETS_5)
-        assert status["case"] == "untested (HF_FSDP_LOADFIX_FORCE=1), structure matches C6" and len(messages) == 1
+    """FORCE keeps its meaning for a release older than the table."""
+    messages, status, wrapped = relabelled("4.52.4", env={"HF_FSDP_LOADFIX_FORCE": "1"})
+    if NEWEST_FITS:
+        assert status["applied"] and status["class"] == NEWEST and wrapped == sorted(TARGETS_5) and len(messages) == 1
+        assert status["case"] == (f"untested (HF_FSDP_LOADFIX_FORCE=1), structure matches {NEWEST}; to be proven at "
+                                  "the first FSDP load")
     else:
-        assert not status["applied"] and "structure of C6" in status["reason"] and wrapped == []
+        assert not status["applied"] and f"structure of {NEWEST}" in status["reason"] and wrapped == []
 
 
 BREAK = """
@@ -198,8 +201,8 @@ BREAK = """
 
 def test_broken_structural_element_refused_naming_it():
     """Each element the runtime relies on, broken in turn on the next-minor label (the release's own label where
-    C6 does not fit): refused, the reason naming it; restored, patched again."""
-    found, restored = relabelled(NEXT if C6_FITS else transformers.__version__, then=BREAK)
+    the newest class does not fit): refused, the reason naming it; restored, patched again."""
+    found, restored = relabelled(NEXT if NEWEST_FITS else transformers.__version__, then=BREAK)
     expected = {
         "is_deepspeed_zero3_enabled": "transformers.modeling_utils.is_deepspeed_zero3_enabled() is missing",
         "load_state_dict": "transformers.modeling_utils.load_state_dict has no parameter map_location",
@@ -312,20 +315,42 @@ def test_quantized_and_zero3_loads_go_to_the_original_functions():
     assert out == [[True, False, False], ["move", "init", "init"]]
 
 
-def test_accelerate_fix_applied_on_import_and_switchable():
+def accelerate_behaviour() -> dict:
+    """What each accelerate hook of the package is for, per release of accelerate installed here: the #3898 shape
+    (a plain-tensor state-dict entry crashes fsdp2_load_full_state_dict) and the optimizer mapped by data_ptr() up to
+    1.15; fsdp2_prepare_model upcasting every trainable parameter before capturing the state dict from 1.14 (1.16
+    still upcasts on the main process)."""
+    import accelerate
+
+    release = Version(accelerate.__version__)
+    return {"accelerate_fix": release < Version("1.16"), "accelerate_optimizer": release < Version("1.16"),
+            "accelerate_stream": release >= Version("1.14")}
+
+
+def test_accelerate_hooks_applied_on_import_each_for_what_it_is_for_and_switchable():
+    """fsdp2_load_full_state_dict is wrapped wherever it exists (shard-on-read fills there); the #3898 fix, the stream
+    and the optimizer mapping where this accelerate still needs them, each saying why not where it does not;
+    HF_FSDP_LOADFIX_ACCELERATE=0 turns the fix and the stream off, not the fill."""
+    pytest.importorskip("accelerate")
     code = """
-        import hf_fsdp_loadfix, accelerate.utils.fsdp_utils as fu
-        print(json.dumps([hf_fsdp_loadfix.status()["accelerate_fix"],
+        import hf_fsdp_loadfix, accelerate.utils.fsdp_utils as fu, accelerate.accelerator
+        print(json.dumps([hf_fsdp_loadfix.status(),
                           isinstance(vars(fu)["fsdp2_load_full_state_dict"], wrapt.FunctionWrapper)]))
     """
-    assert py_json(code) == ["applied", True]
-    off = py_json(code, env={"HF_FSDP_LOADFIX_ACCELERATE": "0"})
-    assert "disabled" in off[0] and off[1] is False
+    status, wrapped = py_json(code)
+    assert wrapped and status["accelerate_fill"] == "applied"
+    for hook, needed in accelerate_behaviour().items():
+        assert (status[hook] == "applied") == needed, (hook, status[hook])
+        assert needed or status[hook].startswith("not needed"), (hook, status[hook])
+    status, wrapped = py_json(code, env={"HF_FSDP_LOADFIX_ACCELERATE": "0"})
+    assert wrapped and status["accelerate_fill"] == "applied"
+    assert "disabled" in status["accelerate_fix"] and "disabled" in status["accelerate_stream"]
 
 
 def test_accelerate_fix_recognises_the_3898_shape(tmp_path):
-    """By structure, not version: accelerate's function is wrapped; the same source with upstream's fix (a DTensor
-    check of each state-dict entry, as accelerate PR #3921 does) is not, and says why; nor is a renamed parameter."""
+    """By structure, not version: accelerate's function with the #3898 shape is wrapped; the same source with a DTensor
+    check of each state-dict entry (accelerate PR #3921, released in 1.16) is not, and says why; nor is a renamed
+    parameter. Built from whichever of the two shapes the installed accelerate has."""
     import importlib.util
     import inspect
     import re
@@ -335,17 +360,24 @@ def test_accelerate_fix_recognises_the_3898_shape(tmp_path):
     from hf_fsdp_loadfix import _accelerate
 
     def module(name, text):
-        (tmp_path / f"{name}.py").write_text("import torch\n" + text)
+        (tmp_path / f"{name}.py").write_text("import torch\nfrom torch.distributed.tensor import DTensor\n" + text)
         spec = importlib.util.spec_from_file_location(name, tmp_path / f"{name}.py")
         spec.loader.exec_module(mod := importlib.util.module_from_spec(spec))
         return mod
 
-    assert _accelerate.mismatch(fu) is None
     source = inspect.getsource(inspect.unwrap(fu.fsdp2_load_full_state_dict))
-    fixed, loops = re.subn(r"^( *)for .*\bsharded_param\b.*:\n", lambda m: f"{m[0]}{m[1]}    if not isinstance("
-                           f"sharded_param, DTensor):\n{m[1]}        continue\n", source, flags=re.M)
-    assert loops == 2  # rank 0's and the other ranks' loop
+    if accelerate_behaviour()["accelerate_fix"]:  # up to 1.15: the #3898 shape; add the check
+        assert _accelerate.mismatch(fu) is None
+        fixed, loops = re.subn(r"^( *)for .*\bsharded_param\b.*:\n", lambda m: f"{m[0]}{m[1]}    if not isinstance("
+                               f"sharded_param, DTensor):\n{m[1]}        continue\n", source, flags=re.M)
+        assert loops == 2  # rank 0's and the other ranks' loop
+        broken = source
+    else:  # 1.16+: fixed upstream; take the check out again
+        fixed = source
+        broken, checks = re.subn(r"isinstance\(sharded_param, DTensor\)", "True", source)
+        assert checks == 1 and "handles plain tensors" in _accelerate.mismatch(fu)
     assert "handles plain tensors" in _accelerate.mismatch(module("fixed", fixed))
+    assert _accelerate.mismatch(module("broken", broken)) is None
     renamed = source.replace("(accelerator, model", "(accelerator, module", 1)
     assert "does not start with ('accelerator', 'model', 'full_sd')" in _accelerate.mismatch(module("renamed", renamed))
 

@@ -53,6 +53,8 @@ def main():
     p.add_argument("--ckpt-other", help="the checkpoint path ranks other than 0 see (a node missing a shard)")
     p.add_argument("--seed-per-rank", action="store_true", help="a different RNG stream on each rank")
     p.add_argument("--relabel", help="set transformers.__version__ to this before the package sees transformers")
+    p.add_argument("--break-tail", action="store_true",
+                   help="a new release whose from_pretrained ends with a step that needs real weights (model.eval())")
     p.add_argument("--alone", action="store_true", help="first, each rank loads alone while the others wait")
     p.add_argument("--second-model", action="store_true", help="last, rank 0 alone loads the checkpoint again")
     p.add_argument("--ac", action="store_true", help="accelerate's activation checkpointing before preparing")
@@ -78,6 +80,17 @@ def main():
         import hf_fsdp_loadfix  # noqa: F401
     import transformers
     from models import load_class
+
+    if args.break_tail:  # what a release newer than the table could add after the load, which fails on meta
+        from transformers.modeling_utils import PreTrainedModel
+
+        upstream_eval = PreTrainedModel.eval
+
+        def eval_reading_weights(self):
+            float(sum(p.float().sum() for p in self.parameters()))  # "cannot be called on meta tensors"
+            return upstream_eval(self)
+
+        PreTrainedModel.eval = eval_reading_weights
 
     load_kwargs = helpers.dtype_kwargs(args.dtype)
     cls = load_class(args.kind)
