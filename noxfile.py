@@ -32,13 +32,16 @@ WHOLE = [["-n", "2", *ONE_INTERPRETER],
 # every test that goes through accelerate outside the load path
 ACCELERATE_TESTS = ["-k", "accelerate", "tests/test_gate.py", "tests/test_beyond.py", "tests/test_stream.py"]
 # one environment per behaviour class (hf_fsdp_loadfix/versions.py): release -> (extra pins, pytest runs).
-# The whole suite on 4.57.6 (the 4.x patch set) and 5.23.0 (the 5.x patch set), the load path on the other
-# classes; 5.3.0 and 5.5.4 take accelerate 1.13.0 and 1.14.0, whose fsdp2_load_full_state_dict differs (1.13:
-# cpu_offload argument; 1.14: key-based instead of zip-ordered), and also run every other accelerate test.
-# C5 runs on torch 2.15 (session torch-2.15). `nox -s everything` runs the whole suite on every class.
+# The whole suite on 4.57.6 (the 4.x patch set, newest accelerate), 5.23.0 (C6, accelerate 1.15.0: the #3898 fix
+# and the optimizer mapping still needed) and 5.25.0 (C7, the tested combination of constraints.txt: accelerate
+# 1.16.0); the load path on the other classes. 5.3.0 and 5.5.4 take accelerate 1.13.0 and 1.14.0, whose
+# fsdp2_load_full_state_dict differs (1.13: cpu_offload argument; 1.14: key-based instead of zip-ordered), and also
+# run every other accelerate test. C5 runs on torch 2.15 (session torch-2.15). `nox -s everything` runs the whole
+# suite on every class.
 CLASSES = {"4.56.2": (HUB_4X, [LOAD_PATH]), "4.57.6": (HUB_4X, WHOLE),
            "5.3.0": (["accelerate==1.13.0"], [LOAD_PATH, ACCELERATE_TESTS, [SHARDED]]),
-           "5.5.4": (["accelerate==1.14.0"], [LOAD_PATH, ACCELERATE_TESTS]), "5.23.0": ([], WHOLE)}
+           "5.5.4": (["accelerate==1.14.0"], [LOAD_PATH, ACCELERATE_TESTS]), "5.23.0": (["accelerate==1.15.0"], WHOLE),
+           "5.25.0": (["-c", "constraints.txt"], WHOLE)}
 TORCH_NEWEST = ("2.15.0", "5.22.2")  # FSDPParam.reset_sharded_param changed on accelerate's assign=True path
 # opt-in (`nox -s boundaries`): the first release of each class (4.57.0 is yanked, so 4.57.1)
 BOUNDARIES = {"4.53.0": HUB_4X, "4.57.1": HUB_4X, "5.0.0": [], "5.4.0": [], "5.6.0": []}
