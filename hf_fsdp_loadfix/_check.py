@@ -3,6 +3,7 @@ and with the patch, run the FSDP2 broadcast from rank 0, and say whether the con
 accelerate's ``fsdp2_prepare_model``; with 2 or more CUDA GPUs, one rank per GPU (NCCL) runs accelerate's real
 ``Accelerator.prepare(model, optimizer)`` and a training step (``--device cuda``, ``_worker``'s GPU section)."""
 
+import itertools
 import json
 import math
 import os
@@ -11,6 +12,8 @@ import shutil
 import sys
 import tempfile
 import time
+
+from ._worker import STEPS
 
 PEAK_LIMIT_MB = 32  # non-rank-0 growth during from_pretrained that still counts as "no model-sized allocation"
 
@@ -44,11 +47,18 @@ def _error_line(text: str) -> str:
     return next((line for line in reversed(lines) if re.match(r"[\w.]+(Error|Exception)\b", line)), lines[-1])
 
 
-def evaluate(outputs, results, sharded: bool = False) -> list[str]:
+def _where(step: dict | None) -> str:
+    """Where a rank that wrote no report failed, from the step it recorded (``_worker.step``)."""
+    return f"in {step['step']}" if step else "before from_pretrained"
+
+
+def evaluate(outputs, results, sharded: bool = False, steps=None) -> list[str]:
     """Every way the ranks' reports break the contract (empty: it holds). ``sharded`` (shard-on-read): rank 0 joins
-    the rules of the other ranks, and nothing may be broadcast but the keys the checkpoint lacks."""
-    failed = [f"rank {i} exited with status {rc}: {_error_line(text)}"
-              for i, ((rc, text), r) in enumerate(zip(outputs, results)) if rc or r is None]
+    the rules of the other ranks, and nothing may be broadcast but the keys the checkpoint lacks. ``steps``: what
+    each rank recorded (``_worker.steps``), to say where a rank failed."""
+    steps = steps or [None] * len(outputs)
+    failed = [f"rank {i} exited with status {rc} {_where(step)}: {_error_line(text)}"
+              for i, ((rc, text), r, step) in enumerate(zip(outputs, results, steps)) if rc or r is None]
     if failed:
         return failed
     r0 = results[0]
@@ -79,13 +89,14 @@ def evaluate(outputs, results, sharded: bool = False) -> list[str]:
         if peak > PEAK_LIMIT_MB:
             failed.append(f"{rank}: from_pretrained grew anonymous memory by {peak:.0f} MB "
                           f"(more than {PEAK_LIMIT_MB} MB: a model-sized allocation)")
+    fill = "fill" if sharded else "broadcast"
     for r in results:
         rank = f"rank {r['rank']}"
         if r["mismatch_vs_checkpoint"]:
-            failed.append(f"{rank}: after the broadcast {len(r['mismatch_vs_checkpoint'])} keys differ from the "
+            failed.append(f"{rank}: after the {fill} {len(r['mismatch_vs_checkpoint'])} keys differ from the "
                           f"checkpoint, e.g. {r['mismatch_vs_checkpoint'][0]}")
         if r["state_digest"] != r0["state_digest"]:
-            failed.append(f"{rank}: after the broadcast its full state differs from rank 0's")
+            failed.append(f"{rank}: after the {fill} its full state differs from rank 0's")
         if "logits_error" not in r and (r["logits_nan"] or r["logits_digest"] != r0["logits_digest"]):
             failed.append(f"{rank}: logits " + ("contain NaN" if r["logits_nan"] else "differ from rank 0's"))
         if "optimizer_params" in r and not r["optimizer_params"] == r["optimizer_model_params"] == r["model_params"]:
@@ -99,16 +110,17 @@ def evaluate(outputs, results, sharded: bool = False) -> list[str]:
     return failed
 
 
-def _ranks(outputs, results) -> list[dict]:
+def _ranks(outputs, results, steps=None) -> list[dict]:
     """Per-rank numbers for the JSON report and the table (units in the field names)."""
     r0, ranks = results[0] or {}, []
-    for i, ((rc, text), r) in enumerate(zip(outputs, results)):
+    for i, ((rc, text), r, step) in enumerate(zip(outputs, results, steps or [None] * len(outputs))):
         if r is None:
-            ranks.append({"rank": i, "exit_status": rc, "error": _error_line(text)})
+            ranks.append({"rank": i, "exit_status": rc, "failed": _where(step), "error": _error_line(text)})
             continue
         ranks.append({
             "rank": i, "exit_status": rc, "rss_peak_mb": round(r["rss_peak_delta_kb"] / 1024, 1),
             "load_s": round(r["load_s"], 3), "devices": sorted({v["device"] for v in r["state"].values()}),
+            "bytes_broadcast": r.get("bytes_broadcast"), **_read_fields(r),
             "non_persistent_buffers_equal_rank0": r["non_persistent"] == r0.get("non_persistent"),
             "checkpoint_keys_compared": r["checkpoint_keys_compared"],
             "checkpoint_keys_mismatched": len(r["mismatch_vs_checkpoint"]),
@@ -118,6 +130,15 @@ def _ranks(outputs, results) -> list[dict]:
             **_gpu_fields(r),
         })
     return ranks
+
+
+def _read_fields(r: dict) -> dict:
+    """What a shard-on-read rank read from the checkpoint files (``status()["shard_on_read"]`` after the fill)."""
+    read = r.get("shard_on_read")
+    if not read:
+        return {}
+    return {"bytes_read": read["bytes_read"], "bytes_from_rank0": read["bytes_broadcast"],
+            **{k: read[k] for k in ("keys_sliced", "keys_whole", "keys_converted", "keys_from_rank0")}}
 
 
 def _gpu_fields(r: dict) -> dict:
@@ -130,26 +151,34 @@ def _gpu_fields(r: dict) -> dict:
             **({"train_error": r["train_error"]} if "train_error" in r else {})}
 
 
-def _cells(run: dict) -> dict:
-    """One column of the table, formatted from a run's numbers."""
+def _cells(run: dict, show_bytes: bool = False) -> dict:
+    """One column of the table, formatted from a run's numbers; ``show_bytes``: the bytes each rank read from the
+    files and broadcast (``check --source sharded``)."""
     ranks, yes, fix = run["ranks"], {True: "yes", False: "no"}, run["accelerate_fix"] or ""
     off = fix.removeprefix("disabled by ")  # the variable that turned it off, where one did
-    fix = "applied" if fix == "applied" else f"off ({off})" if off != fix else "off"
-    cells = {"FSDP2 sharding + broadcast": {"accelerate": f"accelerate, fix {fix}", "native": "torch fully_shard",
-                                            "accelerator": f"Accelerator.prepare, fix {fix}"}[run["sharding"]]}
+    fix = "applied" if fix == "applied" else f"off ({off})" if off != fix else \
+        "not needed" if fix.startswith("not needed") else "off"
+    fill = run.get("fill", "broadcast")  # how the shards got their values: broadcast from rank 0, or shard-on-read
+    after = "after fill" if fill == "shard-on-read" else "after broadcast"
+    cells = {f"FSDP2 sharding + {fill}": {"accelerate": f"accelerate, fix {fix}", "native": "torch fully_shard",
+                                          "accelerator": f"Accelerator.prepare, fix {fix}"}[run["sharding"]]}
     if any("error" in r for r in ranks):
         return cells
     rest = ranks[1:]
     cells.update({f"peak RSS in from_pretrained, rank {r['rank']}": f"+{r['rss_peak_mb']:.1f} MB" for r in ranks})
+    if show_bytes:
+        cells.update({f"bytes read from the files, rank {r['rank']}": f"{r['bytes_read']:,}" if "bytes_read" in r
+                      else "-" for r in ranks})
+        cells.update({f"bytes broadcast, rank {r['rank']}": f"{r['bytes_broadcast']:,}" for r in ranks})
     cells["from_pretrained time, ranks 1+"] = f"{max(r['load_s'] for r in rest):.2f} s"
     cells["rank 0: parameters on"] = ", ".join(ranks[0]["devices"])
     cells["ranks 1+: parameters on"] = ", ".join(sorted({d for r in rest for d in r["devices"]}))
     cells["ranks 1+: non-persistent buffers = rank 0's"] = yes[all(r["non_persistent_buffers_equal_rank0"]
                                                                    for r in rest)]
     compared = min(r["checkpoint_keys_compared"] for r in ranks)
-    cells["after broadcast: keys = checkpoint"] = (
+    cells[f"{after}: keys = checkpoint"] = (
         f"{yes[not any(r['checkpoint_keys_mismatched'] for r in ranks)]} ({compared} keys)")
-    cells["after broadcast: state equal on all ranks"] = yes[all(r["state_equal_rank0"] for r in ranks)]
+    cells[f"{after}: state equal on all ranks"] = yes[all(r["state_equal_rank0"] for r in ranks)]
     no_forward = any(r["logits_equal_rank0"] is None for r in ranks)
     cells["logits equal on all ranks, no NaN"] = "n/a" if no_forward else (
         yes[all(r["logits_equal_rank0"] and not r["logits_nan"] for r in ranks)])
@@ -221,6 +250,7 @@ def check(model: str | None = None, nproc: int | None = None, dtype: str = "floa
 
     from . import __version__, _config, _worker
 
+    _config.validate()  # a junk HF_FSDP_LOADFIX* value: one error naming it, before anything is built
     if not _config.enabled():  # the patched run would be upstream too: nothing to compare
         raise CannotRun("hf_fsdp_loadfix is disabled by HF_FSDP_LOADFIX=0, so the check would compare upstream with "
                         "itself; unset HF_FSDP_LOADFIX to run it")
@@ -271,8 +301,9 @@ def check(model: str | None = None, nproc: int | None = None, dtype: str = "floa
         for step, (name, env) in enumerate(runs, steps - 1):
             t0 = time.perf_counter()
             say(f"[{step}/{steps}] {name}: {ranks} load as {dtype}, {by} ... ", end="")
-            outputs, results = _worker.launch(argv, os.path.join(tmp, name), nproc=nproc, env={**fsdp_env, **env},
-                                              timeout=3600)
+            out = os.path.join(tmp, name)
+            outputs, results = _worker.launch(argv, out, nproc=nproc, env={**fsdp_env, **env}, timeout=3600)
+            reached = _worker.steps(out, nproc)
             wall_s = round(time.perf_counter() - t0, 2)
             say(f"{wall_s:.1f} s")
             rejected = {i: line.split("hf_fsdp_loadfix: ", 1)[1] for i, (rc, text) in enumerate(outputs) if rc
@@ -280,14 +311,18 @@ def check(model: str | None = None, nproc: int | None = None, dtype: str = "floa
             if rejected:
                 raise CannotRun(f"hf_fsdp_loadfix rejected the checkpoint before loading (rank "
                                 f"{', '.join(map(str, sorted(rejected)))}): {rejected[min(rejected)]}")
-            status = next((r["status"] for r in results[1:] if r), None)
+            # the package's status as each rank saw it, after the load or (a rank that failed) before it; ranks 1+
+            # first: the ranks the patch is for. None: no rank got as far as from_pretrained.
+            status = next((r["status"] for r in [*results[1:], *reached[1:], results[0], reached[0]] if r), None)
+            sor = name == "patched" and source == "sharded"
             report["runs"][name] = {
-                "wall_s": wall_s, "failures": evaluate(outputs, results, name == "patched" and source == "sharded"),
-                "applied": bool(status and status["applied"]),
+                "wall_s": wall_s, "failures": evaluate(outputs, results, sor, reached),
+                "applied": status and status["applied"],
                 "patch": status and (status["class"] if status["applied"] else status["reason"]),
                 "accelerate_fix": status and status["accelerate_fix"], "sharding": sharding,
+                "fill": "shard-on-read" if sor else "broadcast",
                 "persistent_buffers": len(results[0]["persistent_buffers"]) if results[0] else None,
-                "ranks": _ranks(outputs, results), "output": [text[-2000:] for rc, text in outputs if rc]}
+                "ranks": _ranks(outputs, results, reached), "output": [text[-2000:] for rc, text in outputs if rc]}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fixed, up = report["runs"]["patched"]["ranks"][0], report["runs"]["upstream"]["ranks"][0]
@@ -300,12 +335,22 @@ def check(model: str | None = None, nproc: int | None = None, dtype: str = "floa
     return 0 if report["passed"] else 1
 
 
+def _first_failure(ranks: list[dict]) -> dict | None:
+    """The rank that failed at the earliest step (the others often fail only because it left the collectives)."""
+    order = ["before from_pretrained", *(f"in {step}" for step in STEPS)]
+    failed = [r for r in ranks if "error" in r]
+    return min(failed, key=lambda r: order.index(r["failed"])) if failed else None
+
+
 def _table(report: dict) -> str:
     up, fixed, passed = report["runs"]["upstream"], report["runs"]["patched"], report["passed"]
-    patch = fixed["patch"] if fixed["applied"] else "NOT applied"
-    columns = [_cells(up), _cells(fixed)]
+    sharded = report["source"] == "sharded"
+    patch = {True: f"{fixed['patch']}{', shard-on-read' if sharded else ''}", False: "NOT applied",
+             None: "status unknown"}[fixed["applied"]]
+    columns = [_cells(up, sharded), _cells(fixed, sharded)]
     head = "upstream (HF_FSDP_LOADFIX=0)", f"with hf_fsdp_loadfix ({patch})"
-    rows = list(dict.fromkeys([*columns[0], *columns[1]])) + ["contract"]
+    # the columns' rows side by side: where a label differs (broadcast / fill), both, each with its own column's value
+    rows = list(dict.fromkeys(row for pair in itertools.zip_longest(*columns) for row in pair if row)) + ["contract"]
     for cells, run in zip(columns, (up, fixed)):
         cells["contract"] = "FAIL" if run["failures"] else "PASS"
     width, left = max(map(len, rows)), max(30, *map(len, columns[0].values()))
@@ -316,11 +361,21 @@ def _table(report: dict) -> str:
     if looks_flat and report["load_dtype"] != "float32" and not report["stack"]["transformers"].startswith("4."):
         lines.append("(upstream's ranks 1+ look flat: without a dtype cast they read the checkpoint memory-mapped, "
                      "and file pages are not anonymous memory)")
-    if not fixed["applied"]:
-        lines.append(f"\nThe patch is not applied: {fixed['patch'] or 'no rank reported a status'}")
+    first, said = _first_failure(fixed["ranks"]), []
+    if fixed["applied"] is None:
+        said.append("No rank got as far as from_pretrained, so whether the patch applies is not known here "
+                    "(hf-fsdp-loadfix status says)")
+    elif not fixed["applied"]:
+        said.append(f"The patch is not applied: {fixed['patch']}")
+    if first:
+        failed = f"rank {first['rank']} failed {first['failed']}: {first['error']}"
+        said.append(f"The patch is applied ({fixed['patch']}), and {failed}" if fixed["applied"] else
+                    failed[0].upper() + failed[1:])
+    if said:
+        lines += ["", *said]
     for title, run in (("Upstream (what the package fixes)", up), ("With hf_fsdp_loadfix", fixed)):
         if run["failures"]:
-            lines += ["", f"{title}:"] + [f"  - {f}" for f in run["failures"]] + run["output"]
+            lines += ["", f"{title}:"] + [f"  - {f}" for f in run["failures"]] + [o.rstrip() for o in run["output"]]
     lines.append("\n" + ("PASS: FSDP cpu-ram-efficient loading on this stack is memory-flat and correct with "
                          "hf_fsdp_loadfix." if passed else "FAIL: the contract does not hold with hf_fsdp_loadfix "
                          "on this stack (see above)."))

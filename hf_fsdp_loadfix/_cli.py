@@ -11,12 +11,12 @@ DESCRIPTION = ("status: is hf_fsdp_loadfix's patch applied in this environment, 
 
 def status_text(report: dict) -> str:
     applied = f"applied ({report['class']})" if report["applied"] else f"NOT applied: {report['reason']}"
-    hook = report["startup_hook"]
+    hook, invalid = report["startup_hook"], report["options"] is None  # invalid: a junk HF_FSDP_LOADFIX* value
     lines = [
         f"hf-fsdp-loadfix {report['hf_fsdp_loadfix']} (tested on transformers {report['supported']})",
         "installed:       " + ", ".join(f"{d} {report[d] or 'not installed'}"
                                         for d in ("transformers", "torch", "accelerate")),
-        f"behaviour class: {report['class'] or 'none (outside the supported range)'}",
+        f"behaviour class: {report['class'] or ('not checked' if invalid else 'none (outside the supported range)')}",
         f"patch:           {applied}",
         f"release:         {report['case'] or 'not checked'}",
         f"accelerate fix:  {report['accelerate_fix']}",
@@ -29,7 +29,9 @@ def status_text(report: dict) -> str:
         f"options:         {', '.join(f'{k}={v}' for k, v in (report['options'] or {}).items()) or 'invalid'}",
         f"this process:    {report['process']}",
     ]
-    lines += [f"trap:            {t}" for t in report["traps"]] or ["traps:           none in this environment"]
+    none = "none besides the invalid option (importing transformers raises its error)" if invalid else \
+        "none in this environment"
+    lines += [f"trap:            {t}" for t in report["traps"]] or [f"traps:           {none}"]
     return "\n".join(lines)
 
 
@@ -43,10 +45,8 @@ def status(as_json: bool, strict: bool = False) -> int:
     for module in ("transformers.modeling_utils", "accelerate.utils.fsdp_utils", "peft.tuners.tuners_utils"):
         try:
             __import__(module)
-        except ImportError:
+        except (ImportError, ValueError):  # ValueError: a junk HF_FSDP_LOADFIX* value, which the report names
             pass
-        except ValueError as err:  # a junk HF_FSDP_LOADFIX* value, raised by the post-import hook
-            print(f"error: {err}", file=sys.stderr)
     report = hf_fsdp_loadfix.status()
     print(json.dumps(report, indent=1) if as_json else status_text(report))
     return 0 if report["applied"] and not (strict and report["traps"]) else 1
@@ -69,10 +69,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="hf-fsdp-loadfix", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("status", help="versions, behaviour class, whether the patch is applied or why not, traps")
+    commands = {}
+    p = commands["status"] = sub.add_parser("status", help="versions, behaviour class, whether the patch is applied "
+                                                         "or why not, traps")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--strict", action="store_true", help="exit status 1 also when a trap is reported")
-    p = sub.add_parser("check", help="load a model on N ranks without and with the patch and compare")
+    p = commands["check"] = sub.add_parser("check", help="load a model on N ranks without and with the patch and "
+                                                       "compare")
     p.add_argument("--model", help="a local checkpoint directory (default: a small Llama built locally)")
     p.add_argument("--device", choices=["cuda", "cpu"],
                    help="cuda: one rank per GPU (NCCL) through accelerate's Accelerator.prepare(model, optimizer) and "
@@ -86,7 +89,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype to load as (default float32: a cast from the bf16 checkpoint)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # after the command: the command's own usage and error, not the top-level ones
+        after = argv[argv.index(args.command) + 1:]
+        (commands[args.command] if all(u in after for u in unknown) else parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "status":
         return status(args.json, args.strict)
     from ._check import CannotRun, check

@@ -8,7 +8,8 @@
 broadcast_from_rank0=True)``, or accelerate's own ``fsdp2_prepare_model``), the full state dict compared bitwise
 with the checkpoint file, and a forward pass (``--prepare-only``: the peak over load and sharding, and the sharding's
 time, nothing compared; ``--device cuda``: see the section of that name below). Writes ``rank<N>.json`` into
-``--out``. :func:`launch` starts N such processes with the variables torchrun would set.
+``--out``, and before that ``rank<N>.step.json``: the step it is in and the package's status before the load, for a
+rank that fails (:func:`steps`). :func:`launch` starts N such processes with the variables torchrun would set.
 """
 
 import argparse
@@ -95,6 +96,25 @@ def launch(argv, out, nproc=2, env=None, timeout=600, node_rank=0, nnodes=1, por
         path = os.path.join(str(out), f"rank{node_rank * nproc + local}.json")
         results.append(json.load(open(path)) if os.path.exists(path) else None)
     return outputs, results
+
+
+STEPS = ("from_pretrained", "the FSDP2 sharding", "the comparison and forward pass")
+
+
+def step(out: str, rank: int, name: str, **fields) -> None:
+    """Record that this rank starts step ``name`` of :data:`STEPS` (``rank<N>.step.json``, ``fields`` kept from the
+    earlier steps): where a rank that fails before writing ``rank<N>.json`` failed."""
+    path = os.path.join(out, f"rank{rank}.step.json")
+    os.makedirs(out, exist_ok=True)
+    old = json.load(open(path)) if os.path.exists(path) else {}
+    with open(path, "w") as f:
+        json.dump({**old, **fields, "step": name}, f)
+
+
+def steps(out: str, nproc: int, node_rank: int = 0) -> list:
+    """What each rank recorded with :func:`step` (None where it got to none)."""
+    paths = [os.path.join(str(out), f"rank{node_rank * nproc + local}.step.json") for local in range(nproc)]
+    return [json.load(open(path)) if os.path.exists(path) else None for path in paths]
 
 
 def dtype_kwargs(dtype: str) -> dict:
@@ -335,11 +355,13 @@ def main():
     import torch
     import torch.distributed as dist
     import transformers
+    import transformers.modeling_utils  # noqa: F401  (the package patches it here: the status below says how)
 
     import hf_fsdp_loadfix
 
     if args.shard == "accelerate":
         import accelerate.utils.fsdp_utils  # noqa: F401  (so that status() reports the accelerate fix)
+    step(args.out, rank, STEPS[0], status=hf_fsdp_loadfix.status())
     cls, kwargs = model_class(args.ckpt), dtype_kwargs(args.dtype)
     dist.barrier()
     total = PeakSampler()  # from_pretrained and the sharding together
@@ -350,6 +372,7 @@ def main():
               "persistent_buffers": sorted(model.state_dict().keys() - dict(model.named_parameters(
                   remove_duplicate=False)).keys())}
     if not args.load_only:
+        step(args.out, rank, STEPS[1])
         t0 = time.perf_counter()
         with counted_broadcasts() as sent:
             if accelerator:
@@ -359,11 +382,14 @@ def main():
                 model = shard_accelerate(model, rank, args.mixed_precision)
             else:
                 model = shard_native(model, rank)
-        filled = hf_fsdp_loadfix.status()["shard_on_read"]  # shard-on-read: the keys the checkpoint lacks, from rank 0
+        # shard-on-read: what this rank read from the files, and the keys the checkpoint lacks, from rank 0
+        filled = hf_fsdp_loadfix.status()["shard_on_read"]
         result.update(prepare_s=time.perf_counter() - t0, rss_peak_total_delta_kb=total.finish(),
                       bytes_broadcast=sent[0],
-                      bytes_from_rank0=filled.get("bytes_broadcast", 0) if isinstance(filled, dict) else 0)
+                      bytes_from_rank0=filled.get("bytes_broadcast", 0) if isinstance(filled, dict) else 0,
+                      **({"shard_on_read": filled} if isinstance(filled, dict) else {}))
     if not (args.load_only or args.prepare_only):
+        step(args.out, rank, STEPS[2])
         full = full_state(model)
         result.update(compare_to_checkpoint(full, args.ckpt))
         result["state_digest"] = hashlib.sha1("".join(k + digest(full[k]) for k in sorted(full)).encode()).hexdigest()

@@ -4,6 +4,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import sys
 import pytest
 import transformers
 
-from hf_fsdp_loadfix import _status, versions
+from hf_fsdp_loadfix import _check, _status, versions
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "hf-fsdp-loadfix")
 GATE = ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING", "LOCAL_RANK", "RANK", "WORLD_SIZE")
@@ -103,7 +104,12 @@ def test_check_passes_with_the_patch():
     assert report["model"] is None and report["model_params"] > 40e6  # no path of the deleted temporary model
     accelerate = importlib.util.find_spec("accelerate") is not None
     assert fixed["sharding"] == up["sharding"] == ("accelerate" if accelerate else "native")
-    assert fixed["accelerate_fix"] == ("applied" if accelerate else "not installed")
+    if not accelerate:
+        assert fixed["accelerate_fix"] == "not installed"
+    else:  # accelerate#3898's shape up to 1.15, fixed upstream in 1.16
+        from test_gate import accelerate_behaviour
+
+        assert (fixed["accelerate_fix"] == "applied") == accelerate_behaviour()["accelerate_fix"], fixed["accelerate_fix"]
     for rank in fixed["ranks"]:
         assert rank["exit_status"] == 0 and rank["checkpoint_keys_compared"] > 0
         assert rank["checkpoint_keys_mismatched"] == 0 and rank["state_equal_rank0"] and rank["logits_equal_rank0"]
@@ -125,14 +131,43 @@ def test_check_source_sharded_holds_rank_0_to_the_rules_too(checkpoints):
     proc = cli("check", "--json", "--source", "sharded", "--model", checkpoints("llama"), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout)
-    fixed = report["runs"]["patched"]
+    fixed, up = report["runs"]["patched"], report["runs"]["upstream"]
     assert report["source"] == "sharded" and report["passed"] and fixed["failures"] == []
     for rank in fixed["ranks"]:
         assert rank["devices"] == ["meta"] and rank["rss_peak_mb"] < 32 and rank["checkpoint_keys_mismatched"] == 0
+    # the evidence, per rank in bytes: each read its own slices (together, the checkpoint's tensors once), nothing was
+    # broadcast; upstream's rank 0 broadcast the whole model
+    assert [r["bytes_broadcast"] for r in fixed["ranks"]] == [0, 0]
+    assert sum(r["bytes_read"] for r in fixed["ranks"]) == tensor_bytes(checkpoints("llama"))
+    assert all(0 < r["bytes_read"] < tensor_bytes(checkpoints("llama")) and r["keys_sliced"] > 0
+               for r in fixed["ranks"])
+    assert up["ranks"][0]["bytes_broadcast"] > tensor_bytes(checkpoints("llama")) and "bytes_read" not in up["ranks"][0]
+    table = _check._table(report).splitlines()
+    assert table[0].endswith(f"  with hf_fsdp_loadfix ({CLASS}, shard-on-read)")
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line) for line in table[1:]) if len(cells) == 3}
+    assert rows["FSDP2 sharding + shard-on-read"][0] == rows["FSDP2 sharding + broadcast"][1] == "-"
+    assert rows["bytes read from the files, rank 1"] == ["-", f"{fixed['ranks'][1]['bytes_read']:,}"]
+    assert rows["bytes broadcast, rank 0"] == [f"{up['ranks'][0]['bytes_broadcast']:,}", "0"]
+    assert rows["after fill: keys = checkpoint"][0] == rows["after broadcast: keys = checkpoint"][1] == "-"
+    assert rows["after fill: state equal on all ranks"] == ["-", "yes"]
     proc = cli("check", "--json", "--source", "sharded", "--model", checkpoints("llama_bin"), timeout=600)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     failures = json.loads(proc.stdout)["runs"]["patched"]["failures"]
     assert failures[0].startswith("shard-on-read not used for ") and ": .bin/pickle checkpoint" in failures[0], failures
+
+
+def tensor_bytes(ckpt: str) -> int:
+    """The bytes of every tensor in the checkpoint's safetensors files, as stored."""
+    from safetensors import safe_open
+
+    from hf_fsdp_loadfix._sharded import _nbytes
+
+    total = 0
+    for name in os.listdir(ckpt):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(ckpt, name), "pt") as f:
+                total += sum(_nbytes(f.get_slice(k)) for k in f.keys())
+    return total
 
 
 def clean_env(monkeypatch):
@@ -163,6 +198,81 @@ def test_check_reports_the_failure_without_the_patch(checkpoints, monkeypatch, c
     note = "(upstream's ranks 1+ look flat: without a dtype cast they read the checkpoint memory-mapped, and file " \
            "pages are not anonymous memory)"
     assert (note in out.splitlines()) == (not transformers.__version__.startswith("4."))
+
+
+def test_check_names_the_rank_that_failed_and_says_the_patch_is_applied(checkpoints, monkeypatch, capsys):
+    """A rank that fails inside from_pretrained writes no report: check names it, the step and the exception, and says
+    the patch is applied, from the status each rank recorded before the load (never "NOT applied" for an applied
+    patch). The failure: the patched run's ranks get a value transformers' FSDP gate raises on."""
+    from hf_fsdp_loadfix import _check, _worker
+
+    clean_env(monkeypatch)
+    launch = _worker.launch
+    monkeypatch.setattr(_worker, "launch", lambda argv, out, env=None, **kw: launch(argv, out, env={
+        **env, **({} if "HF_FSDP_LOADFIX" in env else {"FSDP_CPU_RAM_EFFICIENT_LOADING": "sure"})}, **kw))
+    assert _check.check(checkpoints("llama"), 2, as_json=True) == 1
+    report = json.loads(capsys.readouterr().out)
+    fixed = report["runs"]["patched"]
+    assert fixed["applied"] is True and fixed["patch"] == CLASS
+    for rank in fixed["ranks"]:
+        assert rank["exit_status"] == 1 and rank["failed"] == "in from_pretrained", rank
+        assert rank["error"].startswith("ValueError: ") and "'sure'" in rank["error"], rank
+    assert fixed["failures"][1] == f"rank 1 exited with status 1 in from_pretrained: {fixed['ranks'][1]['error']}"
+    assert report["runs"]["upstream"]["ranks"][1]["devices"] == ["cpu"]  # upstream ran as ever
+    table = _check._table(report)
+    assert table.splitlines()[0].endswith(f"with hf_fsdp_loadfix ({CLASS})") and "NOT applied" not in table
+    assert f"The patch is applied ({CLASS}), and rank 0 failed in from_pretrained: {fixed['ranks'][0]['error']}" \
+        in table.splitlines()
+
+
+def test_check_names_the_rank_that_failed_first():
+    """Rank 1 fails in from_pretrained; rank 0 then fails in the sharding's broadcast, which rank 1 never joins: the
+    table's line names rank 1. A run where no rank got to from_pretrained says the status is unknown, not "NOT
+    applied"."""
+    from hf_fsdp_loadfix._check import STEPS, _first_failure, _ranks, _table, evaluate
+
+    outputs = [(1, "Traceback (most recent call last):\nRuntimeError: Connection closed by peer [127.0.0.1]:4321"),
+               (1, "[rank1]: Traceback (most recent call last):\n[rank1]: ValueError: Unsupported device type "
+                   "'meta'.\n[rank1]:   Supported device types are: cpu, cuda")]
+    status = {"applied": True, "class": CLASS, "accelerate_fix": "applied"}
+    steps = [{"step": STEPS[1], "status": status}, {"step": STEPS[0], "status": status}]
+    ranks = _ranks(outputs, [None, None], steps)
+    assert _first_failure(ranks) == {"rank": 1, "exit_status": 1, "failed": "in from_pretrained",
+                                     "error": "ValueError: Unsupported device type 'meta'."}
+    assert evaluate(outputs, [None, None], steps=steps) == [
+        "rank 0 exited with status 1 in the FSDP2 sharding: RuntimeError: Connection closed by peer [127.0.0.1]:4321",
+        "rank 1 exited with status 1 in from_pretrained: ValueError: Unsupported device type 'meta'."]
+    run = {"ranks": ranks, "failures": ["x"], "output": [], "accelerate_fix": "applied", "sharding": "accelerate"}
+    report = {"runs": {"upstream": run, "patched": {**run, "applied": None, "patch": None}}, "passed": False,
+              "source": "local", "load_dtype": "float32", "stack": {"transformers": transformers.__version__}}
+    table = _table(report)
+    assert "with hf_fsdp_loadfix (status unknown)" in table.splitlines()[0] and "NOT applied" not in table
+    assert "Rank 1 failed in from_pretrained: ValueError: Unsupported device type 'meta'." in table.splitlines()
+
+
+def test_junk_option_one_error_at_once():
+    """A junk HF_FSDP_LOADFIX_SOURCE: status names it once (on the patch line) and claims no class outside the range
+    and no 'traps: none'; check refuses it before building anything (exit 2, one line)."""
+    error = "hf_fsdp_loadfix: environment variable HF_FSDP_LOADFIX_SOURCE='bogus' is not one of local, global, sharded"
+    proc = cli("status", env={"HF_FSDP_LOADFIX_SOURCE": "bogus"})
+    assert proc.returncode == 1 and (proc.stdout + proc.stderr).count("HF_FSDP_LOADFIX_SOURCE") == 1, proc
+    assert f"patch:           NOT applied: {error}\n" in proc.stdout and "error" not in proc.stderr
+    assert "outside the supported range" not in proc.stdout and "traps:           none in" not in proc.stdout
+    assert "traps:           none besides the invalid option (importing transformers raises its error)" in proc.stdout
+    check = cli("check", env={"HF_FSDP_LOADFIX_SOURCE": "bogus"}, timeout=60)
+    assert check.returncode == 2 and check.stdout == "" and check.stderr.splitlines() == [f"error: {error}"], check
+
+
+def test_unknown_option_shows_the_commands_usage():
+    """A typo in a command's option: that command's usage and error, exit 2; one before the command: the top-level."""
+    for command in ("check", "status"):
+        proc = cli(command, "--nrpoc", "2")
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.startswith(f"usage: hf-fsdp-loadfix {command} "), proc.stderr
+        assert proc.stderr.splitlines()[-1] == f"hf-fsdp-loadfix {command}: error: unrecognized arguments: --nrpoc 2"
+    proc = cli("--nrpoc", "status")
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: hf-fsdp-loadfix [-h]"), proc.stderr
+    assert proc.stderr.splitlines()[-1] == "hf-fsdp-loadfix: error: unrecognized arguments: --nrpoc"
 
 
 def test_check_refuses_at_once_when_disabled():
