@@ -3,9 +3,10 @@
     accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/train.py [--model DIR]   # GPUs
     torchrun --nproc_per_node 2 examples/train.py --cpu [--sharded] [--model DIR]                      # CPU, gloo
 
-Without a checkpoint in --model a tiny bf16 Llama is built there locally (no download). Every rank prints where its
-parameters are after from_pretrained (rank 0: cpu; the other ranks: meta with the package, cpu without it), then
-rank 0 prints the loss of each step, averaged over the ranks. --out DIR also writes rank<N>.json.
+--model is a local checkpoint directory; without it, a tiny random bf16 Llama is built locally (no download) in a
+temporary folder whose path is printed; --random-model builds it in --model instead (kept for later runs). Every rank
+prints where its parameters are after from_pretrained (rank 0: cpu; the other ranks: meta with the package, cpu
+without it), then rank 0 prints the loss of each step, averaged over the ranks. --out DIR also writes rank<N>.json.
 """
 
 import argparse
@@ -47,15 +48,49 @@ def shard_on_cpu(model, sharded):
     return model
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=os.path.join(tempfile.gettempdir(), f"tiny-llama-{transformers.__version__}"))
-    p.add_argument("--cpu", action="store_true", help="torch's FSDP2 on gloo (accelerate runs DDP on CPU)")
-    p.add_argument("--sharded", action="store_true", help="with --cpu: shard-on-read, every rank reads its own slices")
-    p.add_argument("--steps", type=int, default=5)
+LAUNCH = ("start one process per rank: torchrun --nproc_per_node 2 examples/train.py --cpu (CPU ranks), or "
+          "accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/train.py (GPUs)")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=LAUNCH[0].upper() + LAUNCH[1:] + ".")
+    p.add_argument("--model", help="a local checkpoint directory (default: a tiny random Llama built in a temporary "
+                                    "folder, its path printed)")
+    p.add_argument("--random-model", action="store_true",
+                   help="build a tiny random bf16 Llama in --model if it holds no checkpoint yet, and train it")
+    p.add_argument("--cpu", action="store_true",
+                   help="CPU ranks (gloo) with torch's fully_shard, as accelerate's FSDP2 prepare does it (accelerate "
+                        "runs DDP on CPU); the default without CUDA. Without it: accelerate's Accelerator on GPUs")
+    p.add_argument("--sharded", action="store_true",
+                   help="with --cpu: shard-on-read, every rank (rank 0 too) reads only its own slices of the "
+                        "checkpoint, nothing is broadcast")
+    p.add_argument("--steps", type=int, default=5, help="training steps (default 5)")
     p.add_argument("--out", help="write rank<N>.json (losses, devices after from_pretrained) into this directory")
     args = p.parse_args()
-    cpu = args.cpu or not torch.cuda.is_available()
+    args.cpu = args.cpu or not torch.cuda.is_available()
+    quiet = os.environ.get("RANK", "0") != "0"  # one message per job, from rank 0; the other ranks exit alike
+    if args.model is not None and not args.random_model and not os.path.isfile(os.path.join(args.model, "config.json")):
+        if quiet:
+            raise SystemExit(2)
+        p.error(f"--model {args.model}: no checkpoint there (no config.json); pass a local checkpoint directory, or "
+                "add --random-model to build a tiny random Llama there")
+    if args.sharded and not args.cpu:
+        p.error("--sharded runs on CPU ranks: add --cpu")
+    if not {"RANK", "WORLD_SIZE"} <= os.environ.keys():
+        p.error(f"RANK and WORLD_SIZE are not set: {LAUNCH}")
+    if args.model is None:
+        args.model = os.path.join(tempfile.gettempdir(), f"hf_fsdp_loadfix-example-tiny-llama-"
+                                                         f"{transformers.__version__}")
+        args.random_model = True
+        if not quiet:
+            print(f"no --model: a tiny random Llama in {args.model} (built there unless an earlier run did)",
+                  flush=True)
+    return args
+
+
+def main():
+    args = parse_args()
+    cpu = args.cpu
 
     if cpu:  # what accelerate launch + Accelerator() set up on GPUs
         os.environ["ACCELERATE_USE_FSDP"] = "true"
@@ -69,7 +104,8 @@ def main():
         device, barrier, backward = accelerator.device, accelerator.wait_for_everyone, accelerator.backward
     rank, world = dist.get_rank(), dist.get_world_size()
 
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.exists(os.path.join(args.model, "config.json")):
+    if args.random_model and int(os.environ.get("LOCAL_RANK", 0)) == 0 and \
+            not os.path.exists(os.path.join(args.model, "config.json")):
         build_tiny_llama(args.model)
     barrier()  # the last collective before from_pretrained; the next one waits for rank 0's load
 

@@ -64,14 +64,57 @@ def test_the_accelerate_config_parses_with_accelerates_loader():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("example") / "tiny-llama")  # the first run builds it
+    return str(tmp_path_factory.mktemp("example") / "tiny-llama")  # the first run builds it (--random-model)
+
+
+def plain(*args, **env):
+    """The example run with plain python, as a user might start it, no launcher's variables."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    return subprocess.run([sys.executable, EXAMPLE, *args], env={**clean, **env}, capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+def test_the_example_says_how_to_start_it():
+    """Without a launcher: how to start it (torchrun, accelerate launch), not torch's 'environment variable RANK
+    expected'; exit 2, nothing trained."""
+    proc = plain("--cpu")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "train.py: error: RANK and WORLD_SIZE are not set: start one process per rank: torchrun --nproc_per_node 2 "
+        "examples/train.py --cpu (CPU ranks), or accelerate launch --config_file examples/accelerate_fsdp2.yaml "
+        "examples/train.py (GPUs)")
+
+
+def test_a_model_path_without_a_checkpoint_is_an_error(tmp_path):
+    """--model at a path with no checkpoint (a typo): one error naming it and --random-model, exit 2, nothing written
+    there; from rank 0 only (the other ranks exit 2 silently)."""
+    typo = str(tmp_path / "no" / "such-model")
+    proc = plain("--cpu", "--model", typo)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"train.py: error: --model {typo}: no checkpoint there (no config.json); pass a local checkpoint directory, "
+        "or add --random-model to build a tiny random Llama there")
+    assert not os.path.exists(tmp_path / "no")
+    other = plain("--cpu", "--model", typo, RANK="1", WORLD_SIZE="2")
+    assert (other.returncode, other.stdout, other.stderr) == (2, "", "")
+
+
+def test_the_help_describes_every_option():
+    import re
+
+    proc = plain("--help")
+    assert proc.returncode == 0, proc.stderr
+    for option in ("--model MODEL", "--random-model", "--cpu", "--sharded", "--steps STEPS", "--out OUT"):
+        assert re.search(rf"^  {option}  +\w", proc.stdout, re.M), (option, proc.stdout)
+    assert "torchrun --nproc_per_node 2" in proc.stdout and "accelerate launch" in proc.stdout
 
 
 def test_the_cpu_path_trains_as_upstream(ckpt, tmp_path):
     """With the package (accelerate launch) and without it (torchrun): every loss bitwise equal on both ranks and in
     both runs, and decreasing; rank 1's parameters on meta after from_pretrained with the package, cpu without.
     With --sharded (shard-on-read, fill_shards) the same losses, rank 0 on meta too."""
-    args = [EXAMPLE, "--cpu", "--model", ckpt]
+    args = [EXAMPLE, "--cpu", "--model", ckpt, "--random-model"]
     text, patched = run([*ACCELERATE_LAUNCH, "--main_process_port", str(free_port()), *args], tmp_path / "on", True)
     _, upstream = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                        str(free_port()), *args], tmp_path / "off", False)
@@ -101,7 +144,8 @@ def test_the_accelerate_branch_trains_as_upstream(ckpt, tmp_path):
     shim.write_text(FSDP2_ON_CPU)
     runs = []
     for package in (True, False):
-        cmd = [*ACCELERATE_LAUNCH, "--main_process_port", str(free_port()), str(shim), EXAMPLE, "--model", ckpt]
+        cmd = [*ACCELERATE_LAUNCH, "--main_process_port", str(free_port()), str(shim), EXAMPLE, "--model", ckpt,
+               "--random-model"]
         runs.append(run(cmd, tmp_path / str(package), package)[1])
     (on0, on1), (off0, off1) = runs
     assert (on1["devices_after_from_pretrained"], off1["devices_after_from_pretrained"]) == (["meta"], ["cpu"])
