@@ -29,7 +29,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sweep import _numels, checkpoint, common_args, finish, largest_numel, save  # noqa: E402
 
 MODES = ("default", "sharded", "native")
-STYLE = {"default": ("tab:red", "o"), "sharded": ("tab:blue", "D"), "native": ("tab:green", "s")}
+# drawn in this order: native wide and pale underneath, shard-on-read dashed and hollow on top, so that where their
+# values are equal (memory, most times) both show
+STYLE = {"native": {"color": "tab:green", "marker": "s", "markersize": 10, "linewidth": 8, "alpha": 0.35},
+         "default": {"color": "tab:red", "marker": "o", "markersize": 6, "linewidth": 1.8},
+         "sharded": {"color": "tab:blue", "marker": "D", "markersize": 5, "linewidth": 1.6, "linestyle": "--",
+                     "markerfacecolor": "white"}}
+LABEL = {"default": "default path (HF_FSDP_LOADFIX_SOURCE=local): rank 0 reads the checkpoint, accelerate's "
+                    "fsdp2_prepare_model broadcasts it",
+         "sharded": "shard-on-read (HF_FSDP_LOADFIX_SOURCE=sharded): each rank reads only its own slices, nothing "
+                    "broadcast",
+         "native": "transformers' native load: from_pretrained(distributed_config=DistributedConfig(fsdp_size=N)), "
+                   "no FSDP variables"}
 
 
 def worker(args):
@@ -163,33 +174,58 @@ def plot(rows, path):
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    dtypes = sorted({r["load_dtype"] for r in rows})
-    counts = sorted({r["nproc"] for r in rows})
+    dtypes, counts = sorted({r["load_dtype"] for r in rows}), sorted({r["nproc"] for r in rows})
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]  # bars and legend; lines drawn in STYLE's order
     llama = [r for r in rows if r.get("model", "llama") == "llama"]
-    fig, axes = plt.subplots(len(dtypes), 2, figsize=(12, 4.2 * len(dtypes)), squeeze=False)
-    for (mem, secs), dtype in zip(axes, dtypes):
-        for mode, (color, marker) in STYLE.items():
-            for nproc, line in zip(counts, ("-", "--", ":")):
-                runs = [r for r in llama if r["mode"] == mode and r["load_dtype"] == dtype and r["nproc"] == nproc]
-                if not runs:
-                    continue
-                x = [r["params"] / 1e9 for r in runs]
-                mem.plot(x, [max(r["peak_mb"]) for r in runs], line, color=color, marker=marker,
-                         label=f"{mode}, {nproc} ranks (highest rank)")
-                secs.plot(x, [r["seconds"] for r in runs], line, color=color, marker=marker,
-                          label=f"{mode}, {nproc} ranks")
-        for nproc, line in zip(counts, ("-", "--", ":")):
-            target = [r for r in llama if r["mode"] == "sharded" and r["load_dtype"] == dtype and r["nproc"] == nproc]
-            mem.plot([r["params"] / 1e9 for r in target], [r["target_mb"] for r in target], line, color="black",
-                     linewidth=0.8, label=f"target, {nproc} ranks (own shard + 2 x largest tensor + 64 MB)")
-        mem.set_title(f"Llama: peak memory, loaded as {dtype}")
-        mem.set_ylabel("peak anonymous RSS above baseline (MB)")
-        secs.set_title(f"Llama: time to the sharded model, loaded as {dtype}")
+    mixtral = [r for r in rows if r.get("model") == "mixtral"]
+    fig, axes = plt.subplots(len(dtypes) + bool(mixtral), 2 * len(counts),
+                             figsize=(5.5 * 2 * len(counts), 4.2 * (len(dtypes) + bool(mixtral))), squeeze=False)
+    for i, dtype in enumerate(dtypes):  # the Llamas against their size: memory, then time, one panel per rank count
+        for j, nproc in enumerate(counts):
+            mem, secs = axes[i][j], axes[i][len(counts) + j]
+            runs = [r for r in llama if r["load_dtype"] == dtype and r["nproc"] == nproc]
+            for mode in [m for m in STYLE if m in modes]:
+                done = [r for r in runs if r["mode"] == mode]
+                mem.plot([r["params"] / 1e9 for r in done], [max(r["peak_mb"]) for r in done], **STYLE[mode])
+                secs.plot([r["params"] / 1e9 for r in done], [r["seconds"] for r in done], **STYLE[mode])
+            target = [r for r in runs if r["mode"] == "sharded"]
+            mem.plot([r["params"] / 1e9 for r in target], [r["target_mb"] for r in target], color="black",
+                     linewidth=0.9)
+            mem.set_title(f"Llama: peak memory, {nproc} ranks, loaded as {dtype}", fontsize=10)
+            mem.set_ylabel("peak anonymous RSS above baseline,\nhighest rank (MB)")
+            secs.set_title(f"Llama: time to the sharded model, {nproc} ranks, loaded as {dtype}", fontsize=10)
+            secs.set_ylabel("seconds, slowest rank")
+    for j, nproc in enumerate(counts if mixtral else ()):  # the Mixtral: one size, bars per load dtype
+        mem, secs = axes[-1][j], axes[-1][len(counts) + j]
+        width = 0.8 / len(modes)
+        for k, mode in enumerate(modes):
+            done = {r["load_dtype"]: r for r in mixtral if r["mode"] == mode and r["nproc"] == nproc}
+            at = [d for d, dtype in enumerate(dtypes) if dtype in done]  # the load dtype's group of bars
+            x, runs = [d + (k - (len(modes) - 1) / 2) * width for d in at], [done[dtypes[d]] for d in at]
+            bar = {"color": STYLE[mode]["color"], "alpha": 0.5 if mode == "native" else 1.0}
+            mem.bar_label(mem.bar(x, [max(r["peak_mb"]) for r in runs], width, **bar), fmt="%.0f", fontsize=7)
+            secs.bar_label(secs.bar(x, [r["seconds"] for r in runs], width, **bar), fmt="%.2f", fontsize=7)
+            if mode == "sharded":
+                mem.hlines([r["target_mb"] for r in runs], [d - 0.45 for d in at], [d + 0.45 for d in at],
+                           color="black", linewidth=0.9)
+        name = f"Mixtral {mixtral[0]['params'] / 1e9:.2f}B, per-expert keys"
+        mem.set_title(f"{name}: peak memory, {nproc} ranks", fontsize=10)
+        mem.set_ylabel("peak anonymous RSS above baseline,\nhighest rank (MB)")
+        secs.set_title(f"{name}: time to the sharded model, {nproc} ranks", fontsize=10)
         secs.set_ylabel("seconds, slowest rank")
+        for ax in (mem, secs):
+            ax.set_xticks(range(len(dtypes)), [f"loaded as {dtype}" for dtype in dtypes])
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.margins(y=0.12)
+    handles = [Line2D([], [], label=LABEL[mode], **STYLE[mode]) for mode in modes]
+    handles.append(Line2D([], [], color="black", linewidth=0.9, label="memory target of every rank: its own shard + "
+                          "2 x the largest tensor + 64 MB"))
     v = rows[0]
-    finish(fig, axes.flat, f"shard-on-read vs the default path vs native DistributedConfig: transformers "
-           f"{v['transformers']}, accelerate {v['accelerate']}, CPU ranks", path)
+    names = {"sharded": "shard-on-read", "default": "the default path", "native": "native DistributedConfig"}
+    finish(fig, axes[:len(dtypes)].flat, " vs ".join(names[m] for m in names if m in modes) + f":\ntransformers "
+           f"{v['transformers']}, accelerate {v['accelerate']}, bf16 checkpoints, CPU gloo ranks", path, handles)
 
 
 def main():

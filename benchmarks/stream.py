@@ -28,12 +28,26 @@ from hf_fsdp_loadfix._worker import launch
 
 RUNS = {"upstream": ("bf16", "0"), "streamed": ("bf16", "1"), "no mixed precision": ("no", "0")}  # package on
 WITHOUT = "without the package"  # --without-package: HF_FSDP_LOADFIX=0, bf16 mixed precision
-# per run, in drawing order: legend label, colour, marker, line width, alpha. "without the package" is drawn wide and
-# pale underneath, so that rank 0's equal values with and without the package (streaming off) show both lines
-STYLE = {WITHOUT: ("without the package (HF_FSDP_LOADFIX=0)", "tab:purple", "v", 8.0, 0.35),
-         "upstream": ("accelerate's prepare as it is", "tab:red", "o", 3.0, 0.6),
-         "streamed": ("streamed (the package's default)", "tab:blue", "D", 1.5, 1.0),
-         "no mixed precision": ("no mixed precision", "tab:grey", "^", 1.5, 1.0)}
+# per run, in drawing order: colour, marker, line width, alpha. "without the package" is drawn wide and pale
+# underneath, so that rank 0's equal values with and without the package (streaming off) show both lines
+STYLE = {WITHOUT: ("tab:purple", "v", 8.0, 0.35), "upstream": ("tab:red", "o", 3.0, 0.6),
+         "streamed": ("tab:blue", "D", 1.5, 1.0), "no mixed precision": ("tab:grey", "^", 1.5, 1.0)}
+
+
+def labels(rows) -> dict:
+    """What each run is, for the legend: accelerate's release, and whether its prepare upcasts on rank 0."""
+    v = rows[0]
+    streamed = next(r for r in rows if r["run"] == "streamed")["stream"] == "applied"  # else nothing to stream
+    own = f"accelerate {v['accelerate']}'s own fsdp2_prepare_model"
+    return {WITHOUT: f"without the package (HF_FSDP_LOADFIX=0): transformers {v['transformers']} and {own}, bf16 "
+                     "mixed precision",
+            "upstream": f"{own} (HF_FSDP_LOADFIX_STREAM=0), bf16 mixed precision" + (
+                ": rank 0 upcasts the whole model to fp32, then broadcasts it" if streamed else ""),
+            "streamed": "the package's streamed prepare (HF_FSDP_LOADFIX_STREAM=1, its default), bf16 mixed "
+                        "precision: rank 0 upcasts and broadcasts one tensor at a time" if streamed else
+                        "HF_FSDP_LOADFIX_STREAM=1, bf16 mixed precision: not applied, nothing to stream (accelerate "
+                        f"{v['accelerate']} does not upcast on rank 0)",
+            "no mixed precision": f"{own}, no mixed precision (the time reference)"}
 
 
 def measure(args, versions):
@@ -112,30 +126,34 @@ def plot(rows, path):
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     fig, (mem, secs) = plt.subplots(1, 2, figsize=(12, 4.5))
+    handles, label = [], labels(rows)
     for run in [run for run in STYLE if any(r["run"] == run for r in rows)]:
-        label, color, marker, width, alpha = STYLE[run]
+        color, marker, width, alpha = STYLE[run]
         runs = [r for r in rows if r["run"] == run]
-        if run == "streamed" and runs[0]["stream"] != "applied":
-            label = "HF_FSDP_LOADFIX_STREAM=1 (not applied: nothing to stream)"
         x = [r["params"] / 1e9 for r in runs]
         style = {"color": color, "marker": marker, "linewidth": width, "alpha": alpha}
         if run != "no mixed precision":
-            mem.plot(x, [r["peak_mb"][0] for r in runs], "-", label=f"rank 0, {label}", **style)
-            mem.plot(x, [r["peak_mb"][1] for r in runs], "--", markerfacecolor="none", label=f"rank 1, {label}",
-                     **style)
-        secs.plot(x, [max(r["prepare_s"]) for r in runs], "-", label=label, **style)
+            mem.plot(x, [r["peak_mb"][0] for r in runs], "-", **style)
+            mem.plot(x, [r["peak_mb"][1] for r in runs], "--", markerfacecolor="none", **style)
+        secs.plot(x, [max(r["prepare_s"]) for r in runs], "-", **style)
+        handles.append(Line2D([], [], label=label[run], **style))
     target = [r for r in rows if r["run"] == "streamed"]
-    mem.plot([r["params"] / 1e9 for r in target], [r["target_rank0_mb"] for r in target], ":", color="black",
-             label="rank 0 target (streamed)")
+    mem.plot([r["params"] / 1e9 for r in target], [r["target_rank0_mb"] for r in target], ":", color="black")
+    handles += [Line2D([], [], color="black", marker="o", label="memory: rank 0 (time: the slowest rank)"),
+                Line2D([], [], color="black", marker="o", linestyle="--", markerfacecolor="none",
+                       label="memory: rank 1"),
+                Line2D([], [], color="black", linestyle=":", label="rank 0's target: its own fp32 shard + 2 x the "
+                       "largest fp32 tensor + 64 MB")]
     mem.set_ylabel("peak anonymous RSS above baseline (MB)")
     mem.set_title("peak memory over from_pretrained + prepare")
     secs.set_ylabel("fsdp2_prepare_model (s), slowest rank")
     secs.set_title("prepare time")
     v = rows[0]
     finish(fig, (mem, secs), f"accelerate {v['accelerate']} fsdp2_prepare_model, transformers {v['transformers']}, "
-           f"bf16 mixed precision, {v['nproc']} CPU gloo ranks", path)
+           f"{v['nproc']} CPU gloo ranks, bf16 checkpoints loaded as bf16", path, handles)
 
 
 def main():

@@ -52,15 +52,19 @@ def checkpoint(size, root):
     return path, sum(_numels(path))
 
 
-def finish(fig, axes, title, path):
-    """The x axis, grid and legend every size plot has, the title, saved."""
+def finish(fig, axes, title, path, handles=None):
+    """The x axis, grid and legend every size plot has (``handles``: one legend for all panels, below them), the
+    title, saved."""
     for ax in axes:
         ax.set_xlabel("parameters (billions)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if handles is None:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if handles:
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), fontsize=9, frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def sweep(args, version):
