@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import transformers
-from launch import run_ranks
+from launch import accelerate_behaviour, run_ranks
 from packaging.version import Version
 
 from hf_fsdp_loadfix import versions
@@ -313,18 +313,6 @@ def test_quantized_and_zero3_loads_go_to_the_original_functions():
         print(json.dumps([seen, calls]))
     """, env={"PORT": str(__import__("launch").free_port())})
     assert out == [[True, False, False], ["move", "init", "init"]]
-
-
-def accelerate_behaviour() -> dict:
-    """What each accelerate hook of the package is for, per release of accelerate installed here: the #3898 shape
-    (a plain-tensor state-dict entry crashes fsdp2_load_full_state_dict) and the optimizer mapped by data_ptr() up to
-    1.15; fsdp2_prepare_model upcasting every trainable parameter before capturing the state dict from 1.14 (1.16
-    still upcasts on the main process)."""
-    import accelerate
-
-    release = Version(accelerate.__version__)
-    return {"accelerate_fix": release < Version("1.16"), "accelerate_optimizer": release < Version("1.16"),
-            "accelerate_stream": release >= Version("1.14")}
 
 
 def test_accelerate_hooks_applied_on_import_each_for_what_it_is_for_and_switchable():
