@@ -23,6 +23,8 @@ _ACCELERATE = "accelerate.utils.fsdp_utils"
 _ACCELERATOR = "accelerate.accelerator"
 _ACCELERATE_ALIASES = ("accelerate.utils", "accelerate.accelerator")  # import fsdp_utils' functions by name
 _PEFT = "peft.tuners.tuners_utils"
+_TRAINING_ARGS = "transformers.training_args"
+_TRAINER = "transformers.trainer"
 _lock = RLock()
 _state = {"wanted": False, "hook": False, "class": None, "reason": "apply() not called", "originals": {},
           "accelerate": "not imported", "stream": "not imported", "prepare": "not imported", "peft": "not imported",
@@ -177,7 +179,7 @@ def _on_import(modeling_utils) -> None:
 
         from . import _runtime
 
-        from . import _gate, _kernels
+        from . import _gate, _kernels, _steps
 
         cls, version = modeling_utils.PreTrainedModel, transformers.__version__
         patches, why = _gate.select(modeling_utils, version)
@@ -189,6 +191,13 @@ def _on_import(modeling_utils) -> None:
         for attr, (wrapper, _) in patches.targets.items():
             _wrap(cls, attr, wrapper)
         _wrap(modeling_utils, "is_local_dist_rank_0", _runtime.local_dist_rank_0)  # HF_FSDP_LOADFIX_SOURCE
+        _wrap(modeling_utils, "is_fsdp_enabled", _steps.fsdp_enabled)  # the Trainer's own cpu_ram_efficient_loading
+        steps = {"resize_token_embeddings": _steps.resize_token_embeddings,  # what frameworks do before prepare
+                 "_init_added_embeddings_weights_with_mean": _steps.skip_mean_on_meta,
+                 "_init_added_lm_head_bias_with_mean": _steps.skip_mean_on_meta}
+        for attr, wrapper in steps.items():
+            if callable(vars(cls).get(attr)):
+                _wrap(cls, attr, wrapper)
         hub_kernels = sys.modules.get(_kernels.MODULE)
         if _kernels.mismatch(hub_kernels) is None:  # every release with the kernels step, C7 or not
             _wrap(hub_kernels, _kernels.TARGET, _kernels.kernelize)
@@ -295,6 +304,25 @@ def _on_peft_import(tuners_utils) -> None:
         _state["peft"] = "applied"
 
 
+def _on_training_args_import(training_args) -> None:
+    """``TrainingArguments.__post_init__``: what it asked accelerate's FSDP plugin for (``_steps``)."""
+    _wrap_step(training_args.TrainingArguments, "__post_init__", "training_args_post_init")
+
+
+def _on_trainer_import(trainer) -> None:
+    """``Trainer._move_model_to_device``: a model filled from rank 0 before it moves (``_steps``)."""
+    _wrap_step(trainer.Trainer, "_move_model_to_device", "move_model_to_device")
+
+
+def _wrap_step(owner, attr, wrapper) -> None:
+    from . import _steps
+
+    with _lock:
+        if _state["wanted"] and (owner, attr) not in _state["originals"] and callable(vars(owner).get(attr)) \
+                and _config.enabled():
+            _wrap(owner, attr, getattr(_steps, wrapper))
+
+
 _HOOKS = ((_MODULE, _on_import), (_ACCELERATE, _on_accelerate_import), (_ACCELERATOR, _on_accelerator_import),
-          (_PEFT, _on_peft_import))
+          (_PEFT, _on_peft_import), (_TRAINING_ARGS, _on_training_args_import), (_TRAINER, _on_trainer_import))
 apply()

@@ -23,7 +23,7 @@ import textwrap
 
 import torch
 
-from . import _broadcast, _sharded, _stream, _wait
+from . import _broadcast, _sharded, _steps, _stream, _wait
 from ._runtime import _bind, _owned_buffers
 
 TARGET = "fsdp2_load_full_state_dict"
@@ -173,12 +173,10 @@ def prepare_model(wrapped, instance, args, kwargs):
 
     model = _bind(wrapped, args, kwargs).arguments["model"]
     if _broadcast.from_rank0(model) and not getattr(model, "_is_accelerate_prepared", False):
-        _wait.wait_for_rank0(model)
         if instance.distributed_type != DistributedType.FSDP:
-            if _sharded.source_of(model)[1] is not None:  # shard-on-read: no rank holds it; each reads it whole
-                _sharded.fill(model, instance.device)
-            else:
-                _broadcast.fill_from_rank0(model, instance.device)
+            _steps.fill_whole(model, instance.device)
+        else:
+            _wait.wait_for_rank0(model)
     return wrapped(*args, **kwargs)
 
 

@@ -300,6 +300,41 @@ def keep_initialised(model) -> None:
                                          if isinstance(tensor, torch.nn.Parameter) else meta)
 
 
+def whole_value(source, key):
+    """Local rank 0, before the fill: the value the default path's rank 0 holds for ``key`` (read whole from the files,
+    cast to the dtype from_pretrained gave it; or kept from its initialisation). For a step that needs it
+    (``_steps``)."""
+    key = source.twins.get(key, key)
+    if key in source.initialised:
+        return source.initialised[key]
+    if key not in source.files:
+        raise RuntimeError(f"hf_fsdp_loadfix: under shard-on-read, {key} has no value before the fill (the release "
+                           "converts it at load), and a step before prepare needs it; set HF_FSDP_LOADFIX_SOURCE=local "
+                           "for this job")
+    from safetensors import safe_open
+
+    path, name = source.files[key]
+    with safe_open(path, framework="pt") as f:
+        value = f.get_tensor(name)
+    return value.to(source.loaded.get(key, value.dtype))
+
+
+def from_rank0_now(source, keys, value) -> None:
+    """Every rank alike: the entries ``keys`` (one tensor, tied names after the first) no longer match the checkpoint
+    (a step resized them): the fill broadcasts them from rank 0 as keys the checkpoint lacks, never reads them from
+    the files. ``value``: local rank 0's value of them, None elsewhere."""
+    first, *others = keys
+    for key in keys:
+        source.files.pop(key, None)
+        source.converted.pop(key, None)
+        source.twins.pop(key, None)
+    if first not in source.missing:
+        source.missing.append(first)
+    source.twins.update(dict.fromkeys(others, first))
+    if value is not None:
+        source.initialised[first] = value
+
+
 def _adapters(root, added, device) -> dict:
     """Entries added after from_pretrained (peft adapters): local rank 0's values of them, as peft made them there
     (``_peft``), once every rank agrees rank 0 has them all; else the same error on every rank."""
