@@ -107,7 +107,7 @@ def test_check_passes_with_the_patch():
     if not accelerate:
         assert fixed["accelerate_fix"] == "not installed"
     else:  # accelerate#3898's shape up to 1.15, fixed upstream in 1.16
-        from test_gate import accelerate_behaviour
+        from launch import accelerate_behaviour
 
         assert (fixed["accelerate_fix"] == "applied") == accelerate_behaviour()["accelerate_fix"], fixed["accelerate_fix"]
     for rank in fixed["ranks"]:
