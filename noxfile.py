@@ -27,8 +27,10 @@ ONE_INTERPRETER = ["tests/test_gate.py", "tests/test_startup.py", "tests/test_cl
 OFF_PATH = "tests/test_offpath.py"  # DDP under the FSDP variables, native DistributedConfig, FSDP1/HSDP, long loads
 SHARDED = "tests/test_sharded.py"  # HF_FSDP_LOADFIX_SOURCE=sharded against the default path
 EXAMPLE = "tests/test_example.py"  # examples/train.py on CPU, and its accelerate branch
+CLIENTS = "tests/test_clients.py"  # transformers.Trainer and trl.SFTTrainer, resize_token_embeddings before prepare
 WHOLE = [["-n", "2", *ONE_INTERPRETER],
-         [*LOAD_PATH[:-1], "tests/test_beyond.py", "tests/test_stream.py", OFF_PATH, SHARDED, EXAMPLE]]
+         [*LOAD_PATH[:-1], "tests/test_beyond.py", "tests/test_stream.py", OFF_PATH, SHARDED, EXAMPLE, CLIENTS]]
+TRL = ["trl"]  # SFTTrainer's tests (skipped without it); its datasets needs huggingface-hub >= 1, so 5.x only
 # every test that goes through accelerate outside the load path
 ACCELERATE_TESTS = ["-k", "accelerate", "tests/test_gate.py", "tests/test_beyond.py", "tests/test_stream.py"]
 # one environment per behaviour class (hf_fsdp_loadfix/versions.py): release -> (extra pins, pytest runs).
@@ -40,8 +42,8 @@ ACCELERATE_TESTS = ["-k", "accelerate", "tests/test_gate.py", "tests/test_beyond
 # suite on every class.
 CLASSES = {"4.56.2": (HUB_4X, [LOAD_PATH]), "4.57.6": (HUB_4X, WHOLE),
            "5.3.0": (["accelerate==1.13.0"], [LOAD_PATH, ACCELERATE_TESTS, [SHARDED]]),
-           "5.5.4": (["accelerate==1.14.0"], [LOAD_PATH, ACCELERATE_TESTS]), "5.23.0": (["accelerate==1.15.0"], WHOLE),
-           "5.25.0": (["-c", "constraints.txt"], WHOLE)}
+           "5.5.4": (["accelerate==1.14.0"], [LOAD_PATH, ACCELERATE_TESTS]),
+           "5.23.0": (["accelerate==1.15.0", *TRL], WHOLE), "5.25.0": (["-c", "constraints.txt", *TRL], WHOLE)}
 TORCH_NEWEST = ("2.15.0", "5.22.2")  # FSDPParam.reset_sharded_param changed on accelerate's assign=True path
 # opt-in (`nox -s boundaries`): the first release of each class (4.57.0 is yanked, so 4.57.1)
 BOUNDARIES = {"4.53.0": HUB_4X, "4.57.1": HUB_4X, "5.0.0": [], "5.4.0": [], "5.6.0": []}
@@ -86,10 +88,11 @@ def tests(session, release):
 
 @nox.session
 def newest(session):
-    """The load path, the rank-0 stream, the off-path setups, shard-on-read and the example on the newest torch,
-    transformers, accelerate and peft on the index: CI tries each new upstream release the next time it runs."""
-    _run(session, "torch", "transformers", "accelerate", "peft",
-         runs=[[*LOAD_PATH, "tests/test_stream.py", OFF_PATH, SHARDED, EXAMPLE]])
+    """The load path, the rank-0 stream, the off-path setups, shard-on-read, the example and the clients (Trainer,
+    SFTTrainer) on the newest torch, transformers, accelerate, peft and trl on the index: CI tries each new upstream
+    release the next time it runs."""
+    _run(session, "torch", "transformers", "accelerate", "peft", *TRL,
+         runs=[[*LOAD_PATH, "tests/test_stream.py", OFF_PATH, SHARDED, EXAMPLE, CLIENTS]])
 
 
 @nox.session(name="torch-2.15")

@@ -23,7 +23,11 @@ _GATE = ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")
 
 
 def _flags() -> tuple[bool, bool]:
-    return tuple((os.environ.get(k) or "").strip().lower() in _TRUE for k in _GATE)
+    """(ACCELERATE_USE_FSDP, FSDP_CPU_RAM_EFFICIENT_LOADING) as transformers' gate sees them; the first also true where
+    a TrainingArguments of this process asked for FSDP with cpu_ram_efficient_loading (the package opens the gate)."""
+    use_fsdp, efficient = ((os.environ.get(k) or "").strip().lower() in _TRUE for k in _GATE)
+    steps = sys.modules.get("hf_fsdp_loadfix._steps")
+    return use_fsdp or bool(steps and steps.trainer_asked), efficient
 
 
 def traps() -> list[str]:
@@ -32,8 +36,9 @@ def traps() -> list[str]:
              for k in _GATE if k in os.environ and os.environ[k].strip().lower() not in _BOOL]
     use_fsdp, efficient = _flags()
     if efficient and not use_fsdp:
-        found.append("FSDP_CPU_RAM_EFFICIENT_LOADING is set but ACCELERATE_USE_FSDP is not: every rank loads the "
-                     "full checkpoint (transformers 5.x TrainingArguments no longer sets ACCELERATE_USE_FSDP)")
+        found.append("FSDP_CPU_RAM_EFFICIENT_LOADING is set but ACCELERATE_USE_FSDP is not, and no TrainingArguments "
+                     "of this process asked for FSDP with cpu_ram_efficient_loading: every rank loads the full "
+                     "checkpoint (create TrainingArguments before from_pretrained, or set ACCELERATE_USE_FSDP=true)")
     local = os.environ.get("LOCAL_RANK")
     global_source = os.environ.get("HF_FSDP_LOADFIX_SOURCE", "").strip().lower() == "global"  # rank from the group
     if efficient and use_fsdp and local is None and not global_source:
