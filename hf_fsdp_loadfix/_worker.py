@@ -162,6 +162,10 @@ def describe(model) -> dict:
                   for k, v in model.state_dict().items()},
         "non_persistent": npb,
         "tied": out_emb is not None and in_emb.weight is out_emb.weight,
+        # transformers' kernels step (5.25: on by default): the mode, and the layers whose forward kernels replaced
+        "kernels": {"used": getattr(model, "use_kernels", None), "mode": str(getattr(model, "kernels_mode", None)),
+                    "replaced": {n: getattr(vars(m)["forward"], "__qualname__", "?")
+                                 for n, m in model.named_modules() if "forward" in vars(m)}},
     }
 
 

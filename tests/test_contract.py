@@ -129,8 +129,11 @@ def assert_contract(rank0, rank1, kind, dtype, mode):
     for key, ref in rank0["non_persistent"].items():
         assert rank1["non_persistent"][key] == ref, key
 
-    # 4. tying as on rank 0; 5. the loading report does not call the state dict missing
+    # 4. tying as on rank 0; 5. the loading report does not call the state dict missing; 6. kernelized as rank 0
     assert rank1["tied"] == rank0["tied"] == (kind in ("llama_tied", "t5"))
+    assert rank1["kernels"] == rank0["kernels"]
+    if Version(transformers.__version__) >= Version("5.25"):  # the kernels step ran on every rank, on by default
+        assert rank0["kernels"]["used"] is True
     assert rank1["missing_keys"] == rank0["missing_keys"]
 
     if mode == "load":
