@@ -284,11 +284,13 @@ def _on_accelerator_import(accelerator) -> None:
 
 def _on_peft_import(tuners_utils) -> None:
     """``BaseTunerLayer._move_adapter_to_device_of_base_layer``: under shard-on-read, local rank 0 keeps the adapter
-    values peft made before they go to their meta base layer's device (``_peft``)."""
+    values peft made before they go to their meta base layer's device; ``BaseTuner.inject_adapter``: initialisations
+    that read the base weights are one clear error before prepare (``_peft``)."""
     import inspect
 
     from . import _peft
 
+    _wrap_step(getattr(tuners_utils, "BaseTuner", None), _peft.INJECT, _peft.inject_adapter)
     with _lock:
         owner = getattr(tuners_utils, "BaseTunerLayer", None)
         move = vars(owner).get(_peft.MOVE) if owner is not None else None
@@ -306,21 +308,24 @@ def _on_peft_import(tuners_utils) -> None:
 
 def _on_training_args_import(training_args) -> None:
     """``TrainingArguments.__post_init__``: what it asked accelerate's FSDP plugin for (``_steps``)."""
-    _wrap_step(training_args.TrainingArguments, "__post_init__", "training_args_post_init")
+    from . import _steps
+
+    _wrap_step(training_args.TrainingArguments, "__post_init__", _steps.training_args_post_init)
 
 
 def _on_trainer_import(trainer) -> None:
     """``Trainer._move_model_to_device``: a model filled from rank 0 before it moves (``_steps``)."""
-    _wrap_step(trainer.Trainer, "_move_model_to_device", "move_model_to_device")
+    from . import _steps
+
+    _wrap_step(trainer.Trainer, "_move_model_to_device", _steps.move_model_to_device)
 
 
 def _wrap_step(owner, attr, wrapper) -> None:
-    from . import _steps
-
+    """Wrap ``owner.attr`` once, where it exists and the package is on."""
     with _lock:
-        if _state["wanted"] and (owner, attr) not in _state["originals"] and callable(vars(owner).get(attr)) \
-                and _config.enabled():
-            _wrap(owner, attr, getattr(_steps, wrapper))
+        if _state["wanted"] and owner is not None and (owner, attr) not in _state["originals"] \
+                and callable(vars(owner).get(attr)) and _config.enabled():
+            _wrap(owner, attr, wrapper)
 
 
 _HOOKS = ((_MODULE, _on_import), (_ACCELERATE, _on_accelerate_import), (_ACCELERATOR, _on_accelerator_import),

@@ -19,6 +19,13 @@ def from_rank0(model) -> bool:
     return isinstance(model, torch.nn.Module) and any(getattr(m, FROM_RANK0, False) for m in model.modules())
 
 
+def pending(model) -> bool:
+    """Loaded under FSDP cpu-ram-efficient loading and not prepared yet: rank 0 alone holds the values (the same
+    answer on every rank)."""
+    return from_rank0(model) and not any(
+        hasattr(p, "device_mesh") or type(p).__name__ == "FlatParameter" for p in model.parameters())
+
+
 def agree(model, device, upcast: bool = False) -> dict:
     """Rank 0's state-dict layout ``{key: (dtype, shape)}``, broadcast to every rank and compared with each rank's own:
     keys, shapes and dtypes (a trainable parameter's dtype not where ``upcast``: accelerate's mixed precision casts it

@@ -154,6 +154,19 @@ def resize_case(kind, flags, ckpt, step):
             "tied": sharded.get_input_embeddings().weight is sharded.get_output_embeddings().weight}
 
 
+def peft_init_case(init, ckpt, step):
+    """peft's LoRA initialised from the base weights (pissa) between from_pretrained and prepare."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    os.environ.update(LAUNCH_ENV)
+    model = step("load", lambda: AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32))
+    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init)
+    peft_model = step("peft", lambda: get_peft_model(model, config))
+    return {"adapters": sorted(k for k in peft_model.state_dict() if "lora_" in k)}
+
+
 class CaseFailed(Exception):
     pass
 
@@ -190,7 +203,9 @@ def main():
         saved = dict(os.environ)
         try:
             with fsdp2_on_cpu(case in ("launch", "torchrun")):
-                if case.startswith("resize:"):
+                if case.startswith("peft:"):
+                    found = peft_init_case(case.split(":")[1], ckpts["llama"], step)
+                elif case.startswith("resize:"):
                     _, kind, *flags = case.split(":")
                     found = resize_case(kind, flags, ckpts[kind], step)
                 else:
@@ -230,7 +245,7 @@ def _runs(client, cases, checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trainer_runs(checkpoints, tmp_path_factory):
-    return _runs("trainer", MODES + [f"resize:{r}" for r in RESIZES], checkpoints, tmp_path_factory)
+    return _runs("trainer", MODES + [f"resize:{r}" for r in RESIZES] + ["peft:pissa"], checkpoints, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +305,19 @@ def test_resize_token_embeddings_between_load_and_prepare(trainer_runs, case):
         assert on[rank]["state"] == off[rank]["state"] == off[0]["state"]
         assert on[rank]["logits"] == off[rank]["logits"] == off[0]["logits"]
         assert on[rank]["tied"] is off[rank]["tied"] is case.startswith("llama_tied")
+
+
+def test_peft_init_from_base_weights_is_one_clear_error_on_every_rank(trainer_runs):
+    """init_lora_weights='pissa' before prepare: upstream (every rank holds the weights) initialises it; with the
+    package only rank 0 does, so every rank raises the same error naming the step and the fix."""
+    pytest.importorskip("peft")
+    on, off = ([r["peft:pissa"] for r in trainer_runs[name]] for name in ("on", "off"))
+    assert all("errors" not in r and r["adapters"] for r in off), off
+    for r in on:
+        errors = r["errors"]
+        assert sorted(errors) == ["0", "1"], errors
+        assert all("init_lora_weights='pissa'" in e and "FSDP_CPU_RAM_EFFICIENT_LOADING=false" in e
+                   for e in errors.values()), errors
 
 
 if __name__ == "__main__":
