@@ -192,10 +192,7 @@ def _on_import(modeling_utils) -> None:
             _wrap(cls, attr, wrapper)
         _wrap(modeling_utils, "is_local_dist_rank_0", _runtime.local_dist_rank_0)  # HF_FSDP_LOADFIX_SOURCE
         _wrap(modeling_utils, "is_fsdp_enabled", _steps.fsdp_enabled)  # the Trainer's own cpu_ram_efficient_loading
-        steps = {"resize_token_embeddings": _steps.resize_token_embeddings,  # what frameworks do before prepare
-                 "_init_added_embeddings_weights_with_mean": _steps.skip_mean_on_meta,
-                 "_init_added_lm_head_bias_with_mean": _steps.skip_mean_on_meta}
-        for attr, wrapper in steps.items():
+        for attr, wrapper in _steps.MODEL_STEPS.items():  # what frameworks do to the model before prepare
             if callable(vars(cls).get(attr)):
                 _wrap(cls, attr, wrapper)
         hub_kernels = sys.modules.get(_kernels.MODULE)

@@ -121,3 +121,9 @@ def fsdp_enabled(wrapped, instance, args, kwargs):
     dist = torch.distributed
     return (dist.is_available() and dist.is_initialized()
             and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").strip().lower() in ("1", "true", "yes", "on", "y", "t"))
+
+
+# PreTrainedModel attribute -> its wrapper (where the release has it)
+MODEL_STEPS = {"resize_token_embeddings": resize_token_embeddings,
+               "_init_added_embeddings_weights_with_mean": skip_mean_on_meta,
+               "_init_added_lm_head_bias_with_mean": skip_mean_on_meta}

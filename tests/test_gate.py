@@ -12,11 +12,13 @@ from launch import accelerate_behaviour, run_ranks
 from packaging.version import Version
 
 from hf_fsdp_loadfix import versions
+from hf_fsdp_loadfix._steps import MODEL_STEPS
 
 NEXT = versions.FIRST_UNTESTED  # the next minor after the table
 
-TARGETS_4 = ["_load_pretrained_model", "_move_missing_keys_from_meta_to_cpu", "_initialize_missing_keys"]
-TARGETS_5 = ["_load_pretrained_model", "_move_missing_keys_from_meta_to_device", "_initialize_missing_keys"]
+STEPS = list(MODEL_STEPS)  # what frameworks do before prepare, wrapped on every class
+TARGETS_4 = ["_load_pretrained_model", "_move_missing_keys_from_meta_to_cpu", "_initialize_missing_keys", *STEPS]
+TARGETS_5 = ["_load_pretrained_model", "_move_missing_keys_from_meta_to_device", "_initialize_missing_keys", *STEPS]
 IS_4 = transformers.__version__.startswith("4.")
 TARGETS = TARGETS_4 if IS_4 else TARGETS_5
 

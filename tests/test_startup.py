@@ -12,9 +12,10 @@ import pytest
 import transformers
 
 from hf_fsdp_loadfix import _config, versions
+from hf_fsdp_loadfix._steps import MODEL_STEPS
 
 CLASS = (versions.class_for(transformers.__version__) or versions.NEWEST)
-TARGETS = sorted(importlib.import_module(f"hf_fsdp_loadfix.classes.{CLASS}").PATCHES.targets)
+TARGETS = sorted([*importlib.import_module(f"hf_fsdp_loadfix.classes.{CLASS}").PATCHES.targets, *MODEL_STEPS])
 HEAVY = ["wrapt", "asyncio", "inspect", "importlib.metadata", "packaging", "torch", "transformers", "accelerate"]
 PRELUDE = """
 def wrapped():  # defined at start, wrapt imported only when called
