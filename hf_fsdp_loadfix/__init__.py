@@ -177,9 +177,7 @@ def _on_import(modeling_utils) -> None:
             return
         import transformers
 
-        from . import _runtime
-
-        from . import _gate, _kernels, _steps
+        from . import _gate, _kernels, _runtime, _steps
 
         cls, version = modeling_utils.PreTrainedModel, transformers.__version__
         patches, why = _gate.select(modeling_utils, version)
@@ -199,8 +197,8 @@ def _on_import(modeling_utils) -> None:
         if _kernels.mismatch(hub_kernels) is None:  # every release with the kernels step, C7 or not
             _wrap(hub_kernels, _kernels.TARGET, _kernels.kernelize)
         _state["class"], _state["reason"] = patches.name, None
-        _state["case"] = f"untested ({why}), structure matches {patches.name}; to be proven at the first FSDP load" if why \
-            else "tested"
+        _state["case"] = "tested" if not why else (
+            f"untested ({why}), structure matches {patches.name}; to be proven at the first FSDP load")
         _runtime.untested_release = bool(why)
         _runtime.proof = _gate.Proof(version, _proven) if why else None
         if why:

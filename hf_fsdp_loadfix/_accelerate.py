@@ -3,7 +3,7 @@
 Every ``fsdp2_prepare_model`` and ``Accelerator.prepare_model`` of a model loaded under FSDP cpu-ram-efficient
 loading first waits for rank 0 to get there (``_wait``: no collective timeout can fire during rank 0's load). A
 model ``Accelerator.prepare_model`` prepares without FSDP (``Accelerator(cpu=True, fsdp_plugin=...)`` runs DDP with
-the FSDP variables still set) is filled from rank 0 first (``_broadcast.fill_from_rank0``): DDP cannot copy out of
+the FSDP variables still set) is filled from rank 0 first (``_steps.fill_whole``): DDP cannot copy out of
 meta, and a model with no wrapper would keep meta weights.
 
 Each accelerate hook is gated on what it is for, recognised by structure, not by version:

@@ -13,10 +13,11 @@ fill broadcasts them from rank 0, named as the state dict names them. Every othe
 
 import torch
 
+from ._sharded import KEPT
+
 MOVE = "_move_adapter_to_device_of_base_layer"
 INJECT = "inject_adapter"
 READS_BASE = ("pissa", "olora", "corda", "eva", "loftq")  # init_lora_weights values computed from the base weights
-KEPT = "_hf_fsdp_loadfix_adapters"  # on a peft layer: {"lora_A.default.weight": tensor, ...}, local rank 0
 
 
 def _keeps(layer) -> bool:
@@ -70,10 +71,3 @@ def inject_adapter(wrapped, instance, args, kwargs):
             "FSDP_CPU_RAM_EFFICIENT_LOADING=false so that every rank reads the weights (or set HF_FSDP_LOADFIX=0), "
             "or use an initialisation that does not read them (init_lora_weights=True/'gaussian').")
     return wrapped(*args, **kwargs)
-
-
-def kept_values(root) -> dict:
-    """Local rank 0's kept adapter values under ``root``, by state-dict key (activation checkpointing's wrapper,
-    which the state dict does not name, left out of the module names)."""
-    return {f"{name.replace('_checkpoint_wrapped_module.', '')}.{key}": value
-            for name, module in root.named_modules() for key, value in vars(module).get(KEPT, {}).items()}

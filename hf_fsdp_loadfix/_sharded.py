@@ -41,6 +41,8 @@ from ._shard import as_target, local_index, local_slice
 
 logger = logging.getLogger("hf_fsdp_loadfix")
 SHARDED = "_hf_fsdp_loadfix_sharded"  # the model's Source, or None where the default path serves it
+# on a peft layer, local rank 0: the adapter values peft made, {"lora_A.default.weight": tensor, ...} (``_peft``)
+KEPT = "_hf_fsdp_loadfix_adapters"
 last = {"shard_on_read": "no shard-on-read load yet"}
 
 
@@ -335,14 +337,19 @@ def from_rank0_now(source, keys, value) -> None:
         source.initialised[first] = value
 
 
+def _kept_values(root) -> dict:
+    """Local rank 0's kept adapter values under ``root``, by state-dict key (activation checkpointing's wrapper,
+    which the state dict does not name, left out of the module names)."""
+    return {f"{name.replace('_checkpoint_wrapped_module.', '')}.{key}": value
+            for name, module in root.named_modules() for key, value in vars(module).get(KEPT, {}).items()}
+
+
 def _adapters(root, added, device) -> dict:
     """Entries added after from_pretrained (peft adapters): local rank 0's values of them, as peft made them there
     (``_peft``), once every rank agrees rank 0 has them all; else the same error on every rank."""
     import torch.distributed as dist
 
-    from ._peft import kept_values
-
-    kept = kept_values(root) if dist.get_rank() == 0 else {}
+    kept = _kept_values(root) if dist.get_rank() == 0 else {}
     box = [sorted(kept.keys() & set(added))]
     dist.broadcast_object_list(box, src=0, group=dist.group.WORLD, device=device)
     lacking = [k for k in added if k not in box[0]]
