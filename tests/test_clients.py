@@ -30,7 +30,8 @@ MODES = ["launch", "ddp", "torchrun"]
 RESIZES = ["llama:mean", "llama:plain", "llama_tied:mean", "llama_tied:plain:pad", "llama:mean:sharded:write",
            "llama_tied:mean:pad:sharded", "llama:plain:sharded"]
 LAUNCH_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
-              "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}  # what accelerate launch sets for such a config
+              "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+              "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}  # what accelerate launch sets for such a config
 TRAINER_FSDP = {"fsdp": "full_shard auto_wrap", "fsdp_config": {
     "version": 2, "cpu_ram_efficient_loading": True, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
 
@@ -120,7 +121,23 @@ def train_case(client, mode, ckpt, out, step):
     step("train", trainer.train)
     full = step("state", lambda: helpers.full_state(trainer.model))
     norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    saved = os.path.join(out, "saved")
+    step("save", lambda: trainer.save_model(saved))  # rank 0 writes the trained model; then every rank reads it
+    step("read", lambda: torch.distributed.barrier())
+    found["saved"] = step("read", lambda: saved_digests(saved))
     return {**found, "losses": losses, "grad_norms": norms, "state": {k: helpers.digest(v) for k, v in full.items()}}
+
+
+def saved_digests(folder):
+    """The tensors of the safetensors files ``save_model`` wrote, digested by key."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    import hf_fsdp_loadfix._worker as helpers
+
+    return {k: helpers.digest(v) for f in sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+            for k, v in load_file(f).items()}
 
 
 def resize_case(kind, flags, ckpt, step):
@@ -273,6 +290,9 @@ def _trains_as_upstream(runs, mode):
         assert on[rank]["losses"] == off[rank]["losses"], (rank, on[rank]["losses"], off[rank]["losses"])
         assert on[rank]["grad_norms"] == off[rank]["grad_norms"] == off[0]["grad_norms"]
         assert on[rank]["state"] == off[rank]["state"] == off[0]["state"]
+        # the trained model as save_model wrote it: upstream's file, the trained state
+        saved = on[rank]["saved"]
+        assert saved and saved == off[rank]["saved"] and all(off[0]["state"][k] == v for k, v in saved.items())
 
 
 @pytest.mark.parametrize("mode", MODES)
