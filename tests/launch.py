@@ -30,12 +30,13 @@ def require_accelerate_on_cpu(kind: str = "") -> None:
 
 def accelerate_behaviour() -> dict:
     """What each accelerate hook of the package is for, per release of accelerate installed here: the #3898 shape
-    (a plain-tensor state-dict entry crashes fsdp2_load_full_state_dict) and the optimizer mapped by data_ptr() up to
-    1.15; fsdp2_prepare_model upcasting every trainable parameter before capturing the state dict from 1.14 (1.16
-    still upcasts on the main process)."""
+    (a plain-tensor state-dict entry crashes fsdp2_load_full_state_dict) up to 1.15; Accelerator._prepare_fsdp2
+    mapping the optimizer by data_ptr() from 1.8 (where it appears) to 1.15; fsdp2_prepare_model upcasting every
+    trainable parameter before capturing the state dict from 1.14 (1.16 still upcasts on the main process)."""
     import accelerate
     from packaging.version import Version
 
     release = Version(accelerate.__version__)
-    return {"accelerate_fix": release < Version("1.16"), "accelerate_optimizer": release < Version("1.16"),
+    return {"accelerate_fix": release < Version("1.16"),
+            "accelerate_optimizer": Version("1.8") <= release < Version("1.16"),
             "accelerate_stream": release >= Version("1.14")}
