@@ -25,6 +25,7 @@ _ACCELERATE_ALIASES = ("accelerate.utils", "accelerate.accelerator")  # import f
 _PEFT = "peft.tuners.tuners_utils"
 _TRAINING_ARGS = "transformers.training_args"
 _TRAINER = "transformers.trainer"
+_TRL_MODELS = "trl.models.utils"
 _lock = RLock()
 _state = {"wanted": False, "hook": False, "class": None, "reason": "apply() not called", "originals": {},
           "accelerate": "not imported", "stream": "not imported", "prepare": "not imported", "peft": "not imported",
@@ -315,14 +316,26 @@ def _on_trainer_import(trainer) -> None:
     _wrap_step(trainer.Trainer, "_move_model_to_device", _steps.move_model_to_device)
 
 
-def _wrap_step(owner, attr, wrapper) -> None:
+def _on_trl_models_import(utils) -> None:
+    """trl's ``prepare_fsdp``, which shards a reference model with no broadcast: filled after it (``_steps``). trl's
+    trainers import it by name: those already imported are rebound."""
+    from . import _steps
+
+    aliases = tuple(name for name, module in list(sys.modules.items())
+                    if name.startswith("trl.") and module is not None and vars(module).get("prepare_fsdp") is
+                    vars(utils).get("prepare_fsdp"))
+    _wrap_step(utils, "prepare_fsdp", _steps.trl_prepare_fsdp, aliases)
+
+
+def _wrap_step(owner, attr, wrapper, aliases=()) -> None:
     """Wrap ``owner.attr`` once, where it exists and the package is on."""
     with _lock:
         if _state["wanted"] and owner is not None and (owner, attr) not in _state["originals"] \
                 and callable(vars(owner).get(attr)) and _config.enabled():
-            _wrap(owner, attr, wrapper)
+            _wrap(owner, attr, wrapper, aliases)
 
 
 _HOOKS = ((_MODULE, _on_import), (_ACCELERATE, _on_accelerate_import), (_ACCELERATOR, _on_accelerator_import),
-          (_PEFT, _on_peft_import), (_TRAINING_ARGS, _on_training_args_import), (_TRAINER, _on_trainer_import))
+          (_PEFT, _on_peft_import), (_TRAINING_ARGS, _on_training_args_import), (_TRAINER, _on_trainer_import),
+          (_TRL_MODELS, _on_trl_models_import))
 apply()

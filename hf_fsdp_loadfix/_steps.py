@@ -86,9 +86,7 @@ def fill_whole(model, device) -> None:
         _sharded.fill(model, device)
     else:
         _broadcast.fill_from_rank0(model, device)
-    for module in model.modules():  # filled: nothing is pending from rank 0 any more
-        if getattr(module, _broadcast.FROM_RANK0, False):
-            setattr(module, _broadcast.FROM_RANK0, False)
+    _filled(model)
 
 
 def move_model_to_device(wrapped, instance, args, kwargs):
@@ -96,6 +94,40 @@ def move_model_to_device(wrapped, instance, args, kwargs):
     bound = _runtime._bind(wrapped, args, kwargs)
     fill_whole(bound.arguments["model"], bound.arguments["device"])
     return wrapped(*args, **kwargs)
+
+
+def trl_prepare_fsdp(wrapped, instance, args, kwargs):
+    """trl's ``prepare_fsdp(model, accelerator)``, which shards a reference model (DPO, GRPO, RLOO, KTO) that trl
+    loaded itself after the Accelerator set the FSDP variables: under FSDP2 a plain ``fully_shard``, no broadcast.
+    Filled after it, as accelerate's prepare fills (rank 0's state broadcast; shard-on-read: each rank's slices).
+    FSDP1 broadcasts itself (``sync_module_states``)."""
+    bound = _runtime._bind(wrapped, args, kwargs)
+    model, accelerator = bound.arguments["model"], bound.arguments["accelerator"]
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if not _broadcast.pending(model) or getattr(plugin, "fsdp_version", None) != 2:
+        return wrapped(*args, **kwargs)
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    _wait.wait_for_rank0(model)
+    sharded = _sharded.source_of(model)[1] is not None
+    full = model.state_dict() if dist.get_rank() == 0 and not sharded else {}
+    result = wrapped(*args, **kwargs)
+    if sharded:
+        _sharded.fill(result, accelerator.device)
+    else:
+        if hasattr(result, "tie_weights"):
+            result.tie_weights()  # tied aliases point at the sharded parameter
+        set_model_state_dict(result, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    _filled(model)
+    return result
+
+
+def _filled(model) -> None:
+    """Nothing is pending from rank 0 any more for ``model``."""
+    for module in model.modules():
+        if getattr(module, _broadcast.FROM_RANK0, False):
+            setattr(module, _broadcast.FROM_RANK0, False)
 
 
 def training_args_post_init(wrapped, instance, args, kwargs):

@@ -93,6 +93,8 @@ def train_case(client, mode, ckpt, out, step):
                   **(TRAINER_FSDP if mode == "torchrun" else {}))
     if client == "sft":
         from trl import SFTConfig as Args
+    elif client == "dpo":
+        from trl import DPOConfig as Args
     else:
         Args = TrainingArguments
     args = step("args", lambda: Args(**common))  # inits the process group; torchrun: sets the one FSDP variable
@@ -105,6 +107,15 @@ def train_case(client, mode, ckpt, out, step):
 
         data = Dataset.from_dict({"input_ids": rows(vocab)})
         trainer = step("trainer", lambda: SFTTrainer(model=model, args=args, train_dataset=data,
+                                                     processing_class=tokenizer(vocab)))
+    elif client == "dpo":  # its reference model is loaded inside, after the Accelerator set the FSDP variables
+        from datasets import Dataset
+        from trl import DPOTrainer
+
+        text = [" ".join(f"t{t}" for t in r) for r in rows(vocab)]
+        data = Dataset.from_dict({"prompt": [t[:11] for t in text], "chosen": [t[11:] for t in text],
+                                  "rejected": [t[11:][::-1].strip() for t in text]})
+        trainer = step("trainer", lambda: DPOTrainer(model=model, args=args, train_dataset=data,
                                                      processing_class=tokenizer(vocab)))
     else:
         data = [{"input_ids": r, "labels": r, "attention_mask": [1] * len(r)} for r in rows(vocab)]
@@ -190,7 +201,7 @@ class CaseFailed(Exception):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--client", required=True, choices=["trainer", "sft"])
+    p.add_argument("--client", required=True, choices=["trainer", "sft", "dpo"])
     p.add_argument("--case", action="append", required=True, help="a mode, or resize:KIND:mean|plain")
     p.add_argument("--ckpt", action="append", required=True, help="KIND=DIR")
     p.add_argument("--out", required=True)
@@ -271,6 +282,12 @@ def sft_runs(checkpoints, tmp_path_factory):
     return _runs("sft", MODES, checkpoints, tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def dpo_runs(checkpoints, tmp_path_factory):
+    pytest.importorskip("trl")
+    return _runs("dpo", ["launch", "ddp"], checkpoints, tmp_path_factory)
+
+
 def _trains_as_upstream(runs, mode):
     import transformers
     from packaging.version import Version
@@ -306,6 +323,27 @@ def test_trainer_trains_as_upstream(trainer_runs, mode):
 def test_sft_trainer_trains_as_upstream(sft_runs, mode):
     """trl.SFTTrainer (its defaults: bf16, gradient checkpointing) on a pre-tokenized dataset, as for the Trainer."""
     _trains_as_upstream(sft_runs, mode)
+
+
+@pytest.mark.parametrize("mode", ["launch", "ddp"])
+def test_dpo_trainer_with_its_reference_model_trains_as_upstream(dpo_runs, mode):
+    """trl.DPOTrainer loads its reference model itself, after the Accelerator set the FSDP variables (rank 1 on meta
+    even under plain torchrun), and shards it with trl's own prepare_fsdp (a plain fully_shard, no broadcast) or
+    prepares it with accelerate (DDP): filled from rank 0 there, it trains as upstream. On 4.x upstream itself trains on
+    garbage there (rank 1's reference model is uninitialised memory, and trl broadcasts nothing: NaN losses); with the
+    package it trains on rank 0's reference model."""
+    import math
+
+    import transformers
+    from packaging.version import Version
+
+    on, off = ([r[mode] for r in dpo_runs[name]] for name in ("on", "off"))
+    if Version(transformers.__version__).major >= 5:
+        return _trains_as_upstream(dpo_runs, mode)
+    assert any(math.isnan(x) for r in off for x in r["losses"]), off  # upstream 4.x: broken
+    assert all("errors" not in r for r in on) and [r["devices"] for r in on] == [["cpu"], ["meta"]]
+    assert all(math.isfinite(x) for r in on for x in r["losses"] + r["grad_norms"])
+    assert on[1]["grad_norms"] == on[0]["grad_norms"] and on[1]["state"] == on[0]["state"]
 
 
 @pytest.mark.parametrize("case", RESIZES)
