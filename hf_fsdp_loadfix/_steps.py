@@ -53,7 +53,9 @@ def resize_token_embeddings(wrapped, instance, args, kwargs):
     moves the resized entries from "read from the files" to "from rank 0" alike."""
     root, source = _sharded.source_of(instance)
     before = _resized(instance)
-    if source is None or not any(_meta(p) for p in before.values()):
+    asked = _runtime._bind(wrapped, args, kwargs).arguments
+    resizes = asked.get("new_num_tokens") is not None or asked.get("pad_to_multiple_of") is not None
+    if source is None or not resizes or not any(_meta(p) for p in before.values()):
         return wrapped(*args, **kwargs)
     keys = {}  # id -> the state-dict keys naming it, in state-dict order (the same before and after the resize)
     for key, tensor in root.state_dict(keep_vars=True).items():
