@@ -161,6 +161,7 @@ def prepare_fsdp2(wrapped, instance, args, kwargs):
     model = _bind(wrapped, args, kwargs).arguments["model"]
     if _broadcast.from_rank0(model):
         _wait.wait_for_rank0(model)
+        _steps.meta_buffers_from_rank0(model)
     if _stream.applies and _sharded.source_of(model)[1] is None:
         return _stream.prepare_model(wrapped, instance, args, kwargs)
     return wrapped(*args, **kwargs)

@@ -77,6 +77,36 @@ def resize_token_embeddings(wrapped, instance, args, kwargs):
     return result
 
 
+def meta_buffers_from_rank0(model) -> None:
+    """Before the first broadcast of a prepare: non-persistent buffers that a step after ``from_pretrained`` built from
+    meta weights (peft's ``trainable_tokens_original``, rows of the embedding) are meta off rank 0, and nothing
+    broadcasts non-persistent buffers. Rank 0's, one broadcast each in name order, placed on the CPU as the package
+    places computed buffers. A collective, every rank alike (the same buffers; which are meta anywhere is agreed);
+    one clear error on every rank where rank 0 has no value either (shard-on-read)."""
+    import torch.distributed as dist
+
+    named = sorted(((q, module, name, buf) for module, name, buf, q in _runtime._owned_buffers(model, persistent=False)),
+                   key=lambda entry: entry[0])
+    if not named:
+        return
+    device, rank0 = _broadcast.group_device(), dist.get_rank() == 0
+    here = [buf.device.type == "meta" for *_, buf in named]
+    flags = torch.tensor([here, [m and rank0 for m in here]], dtype=torch.int32, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    lacking = [q for (q, *_), f in zip(named, flags[1].tolist()) if f]
+    if lacking:
+        raise RuntimeError(
+            f"hf_fsdp_loadfix: non-persistent buffers built after from_pretrained from weights no rank holds yet: "
+            f"{', '.join(lacking[:5])}. Under HF_FSDP_LOADFIX_SOURCE=sharded rank 0 is on meta too: use "
+            "HF_FSDP_LOADFIX_SOURCE=local for this job, or add them after prepare.")
+    for (q, module, name, buf), flag in zip(named, flags[0].tolist()):
+        if flag:
+            value = buf.to(device) if rank0 else torch.empty(buf.shape, dtype=buf.dtype, device=device)
+            dist.broadcast(value, src=0, group=dist.group.WORLD)
+            if not rank0:
+                module._buffers[name] = value.to("cpu")
+
+
 def fill_whole(model, device) -> None:
     """A model loaded under FSDP cpu-ram-efficient loading that is used without FSDP (DDP, no wrapper): every rank
     ends with rank 0's values (shard-on-read: each reads them from the files), as DDP's construction gives. A
@@ -84,6 +114,7 @@ def fill_whole(model, device) -> None:
     if not _broadcast.from_rank0(model):
         return
     _wait.wait_for_rank0(model)
+    meta_buffers_from_rank0(model)
     if _sharded.source_of(model)[1] is not None:  # shard-on-read: no rank holds it; each reads it whole
         _sharded.fill(model, device)
     else:
@@ -112,6 +143,7 @@ def trl_prepare_fsdp(wrapped, instance, args, kwargs):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     _wait.wait_for_rank0(model)
+    meta_buffers_from_rank0(model)
     sharded = _sharded.source_of(model)[1] is not None
     full = model.state_dict() if dist.get_rank() == 0 and not sharded else {}
     result = wrapped(*args, **kwargs)

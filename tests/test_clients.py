@@ -182,17 +182,31 @@ def resize_case(kind, flags, ckpt, step):
             "tied": sharded.get_input_embeddings().weight is sharded.get_output_embeddings().weight}
 
 
-def peft_init_case(init, ckpt, step):
-    """peft's LoRA initialised from the base weights (pissa) between from_pretrained and prepare."""
+def peft_case(kind, ckpt, step):
+    """peft between from_pretrained and prepare: ``pissa``, a LoRA initialised from the base weights; ``tokens``,
+    ``trainable_token_indices`` (rows of the embedding copied into a non-persistent buffer), then accelerate's
+    fsdp2_prepare_model, the full state and the logits."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    import hf_fsdp_loadfix._worker as helpers
+
     os.environ.update(LAUNCH_ENV)
     model = step("load", lambda: AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32))
-    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init)
+    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa") if kind == "pissa" else \
+        LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[5, 6])
+    torch.manual_seed(0)  # LoRA's random init: rank 0's is broadcast
     peft_model = step("peft", lambda: get_peft_model(model, config))
-    return {"adapters": sorted(k for k in peft_model.state_dict() if "lora_" in k)}
+    found = {"adapters": sorted(k for k in peft_model.state_dict() if "lora_" in k or "trainable_tokens" in k)}
+    if kind == "pissa":
+        return found
+    sharded = step("prepare", lambda: helpers.shard_accelerate(peft_model, torch.distributed.get_rank()))
+    full = step("state", lambda: helpers.full_state(sharded))
+    buffers = {k: helpers.digest(b) for k, b in sharded.named_buffers() if "trainable_tokens_original" in k}
+    logits = step("forward", lambda: helpers.forward(sharded))
+    return {**found, "state": {k: helpers.digest(v) for k, v in full.items()}, "buffers": buffers,
+            "logits": helpers.digest(logits)}
 
 
 class CaseFailed(Exception):
@@ -232,7 +246,7 @@ def main():
         try:
             with fsdp2_on_cpu(case in ("launch", "torchrun")):
                 if case.startswith("peft:"):
-                    found = peft_init_case(case.split(":")[1], ckpts["llama"], step)
+                    found = peft_case(case.split(":")[1], ckpts["llama"], step)
                 elif case.startswith("resize:"):
                     _, kind, *flags = case.split(":")
                     found = resize_case(kind, flags, ckpts[kind], step)
@@ -273,7 +287,8 @@ def _runs(client, cases, checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trainer_runs(checkpoints, tmp_path_factory):
-    return _runs("trainer", MODES + [f"resize:{r}" for r in RESIZES] + ["peft:pissa"], checkpoints, tmp_path_factory)
+    return _runs("trainer", MODES + [f"resize:{r}" for r in RESIZES] + ["peft:pissa", "peft:tokens"],
+                 checkpoints, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -376,6 +391,18 @@ def test_peft_init_from_base_weights_is_one_clear_error_on_every_rank(trainer_ru
         assert sorted(errors) == ["0", "1"], errors
         assert all("init_lora_weights='pissa'" in e and "FSDP_CPU_RAM_EFFICIENT_LOADING=false" in e
                    for e in errors.values()), errors
+
+
+def test_peft_trainable_tokens_before_prepare_as_upstream(trainer_runs):
+    """peft's trainable_token_indices copies embedding rows into a non-persistent buffer, meta off rank 0 with the
+    package: rank 0's, broadcast before accelerate's prepare. Full state, that buffer and the logits upstream's."""
+    pytest.importorskip("peft")
+    on, off = ([r["peft:tokens"] for r in trainer_runs[name]] for name in ("on", "off"))
+    assert all("errors" not in r for r in off + on), [r.get("errors") for r in off + on]
+    for rank in (0, 1):
+        assert on[rank]["buffers"] and on[rank]["buffers"] == off[rank]["buffers"] == off[0]["buffers"]
+        assert on[rank]["state"] == off[rank]["state"] == off[0]["state"]
+        assert on[rank]["logits"] == off[rank]["logits"] == off[0]["logits"]
 
 
 if __name__ == "__main__":
