@@ -395,10 +395,16 @@ def test_peft_init_from_base_weights_is_one_clear_error_on_every_rank(trainer_ru
 
 def test_peft_trainable_tokens_before_prepare_as_upstream(trainer_runs):
     """peft's trainable_token_indices copies embedding rows into a non-persistent buffer, meta off rank 0 with the
-    package: rank 0's, broadcast before accelerate's prepare. Full state, that buffer and the logits upstream's."""
+    package: rank 0's, broadcast before accelerate's prepare. Full state, that buffer and the logits upstream's (on 4.x,
+    where upstream's rank 1 copies uninitialised memory, rank 0's)."""
+    import transformers
+    from packaging.version import Version
+
     pytest.importorskip("peft")
     on, off = ([r["peft:tokens"] for r in trainer_runs[name]] for name in ("on", "off"))
     assert all("errors" not in r for r in off + on), [r.get("errors") for r in off + on]
+    if Version(transformers.__version__).major < 5:  # upstream 4.x: rank 1's rows are uninitialised memory there
+        off = [off[0], off[0]]
     for rank in (0, 1):
         assert on[rank]["buffers"] and on[rank]["buffers"] == off[rank]["buffers"] == off[0]["buffers"]
         assert on[rank]["state"] == off[rank]["state"] == off[0]["state"]
