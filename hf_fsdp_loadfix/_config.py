@@ -4,6 +4,9 @@ import os
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+# what transformers' strtobool accepts for its FSDP variables (ACCELERATE_USE_FSDP, FSDP_CPU_RAM_EFFICIENT_LOADING)
+STRTOBOOL_TRUE = _TRUE | {"y", "t"}
+STRTOBOOL = STRTOBOOL_TRUE | _FALSE | {"n", "f"}
 
 
 def _raw(name: str):

@@ -15,8 +15,7 @@ def _installed(dist: str) -> str | None:
         return None
 
 
-_TRUE = {"1", "true", "yes", "on", "y", "t"}
-_BOOL = _TRUE | {"0", "false", "no", "off", "n", "f"}  # what transformers' strtobool accepts
+_TRUE, _BOOL = _config.STRTOBOOL_TRUE, _config.STRTOBOOL  # what transformers' strtobool accepts
 
 
 _GATE = ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")

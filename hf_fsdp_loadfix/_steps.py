@@ -68,12 +68,10 @@ def resize_token_embeddings(wrapped, instance, args, kwargs):
                 value = _sharded.whole_value(source, keys[id(param)][0])
                 torch.utils.swap_tensors(param, torch.nn.Parameter(value, param.requires_grad))
     result = wrapped(*args, **kwargs)
-    done = set()
-    for role, param in _resized(instance).items():
-        if id(param) not in done:
-            done.add(id(param))
-            tied = [k for r, p in _resized(instance).items() if p is param for k in names[r]]
-            _sharded.from_rank0_now(source, list(dict.fromkeys(tied)), param.detach() if rank0 else None)
+    after = _resized(instance)
+    for param in {id(p): p for p in after.values()}.values():  # one entry per tensor, with its tied names
+        tied = dict.fromkeys(k for role, p in after.items() if p is param for k in names[role])
+        _sharded.from_rank0_now(source, list(tied), param.detach() if rank0 else None)
     return result
 
 
@@ -85,8 +83,8 @@ def meta_buffers_from_rank0(model) -> None:
     one clear error on every rank where rank 0 has no value either (shard-on-read)."""
     import torch.distributed as dist
 
-    named = sorted(((q, module, name, buf) for module, name, buf, q in _runtime._owned_buffers(model, persistent=False)),
-                   key=lambda entry: entry[0])
+    owned = _runtime._owned_buffers(model, persistent=False)
+    named = sorted(((q, module, name, buf) for module, name, buf, q in owned), key=lambda entry: entry[0])
     if not named:
         return
     device, rank0 = _broadcast.group_device(), dist.get_rank() == 0
@@ -184,9 +182,11 @@ def fsdp_enabled(wrapped, instance, args, kwargs):
         return False
     import os
 
+    from ._config import STRTOBOOL_TRUE
+
     dist = torch.distributed
-    return (dist.is_available() and dist.is_initialized()
-            and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").strip().lower() in ("1", "true", "yes", "on", "y", "t"))
+    efficient = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").strip().lower() in STRTOBOOL_TRUE
+    return dist.is_available() and dist.is_initialized() and efficient
 
 
 # PreTrainedModel attribute -> its wrapper (where the release has it)

@@ -9,10 +9,12 @@ from launch import accelerate_behaviour, free_port, require_accelerate_on_cpu, r
 
 def test_accelerate_persistent_buffers_without_the_fix(checkpoints, tmp_path):
     """Sentinel for accelerate#3898: the same DeepSeek-V3 run as the contract test, fix switched off. Up to 1.15
-    accelerate crashes on the plain-tensor buffer; 1.16 fixed it (float32: see test_contract.CASES): the run passes, every key equal to the checkpoint."""
+    accelerate crashes on the plain-tensor buffer; 1.16 fixed it (float32: see test_contract.CASES): the run passes,
+    every key equal to the checkpoint."""
     require_accelerate_on_cpu()
     outputs, results = run_ranks(["--ckpt", checkpoints("deepseek_v3"), "--kind", "deepseek_v3", "--mode",
-                                  "accelerate", "--dtype", "float32"], tmp_path, env={"HF_FSDP_LOADFIX_ACCELERATE": "0"}, timeout=120)
+                                  "accelerate", "--dtype", "float32"], tmp_path,
+                                 env={"HF_FSDP_LOADFIX_ACCELERATE": "0"}, timeout=120)
     if accelerate_behaviour()["accelerate_fix"]:
         assert outputs[0][0] != 0 and "device_mesh" in outputs[0][1]
         return

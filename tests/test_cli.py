@@ -109,7 +109,8 @@ def test_check_passes_with_the_patch():
     else:  # accelerate#3898's shape up to 1.15, fixed upstream in 1.16
         from launch import accelerate_behaviour
 
-        assert (fixed["accelerate_fix"] == "applied") == accelerate_behaviour()["accelerate_fix"], fixed["accelerate_fix"]
+        needed = accelerate_behaviour()["accelerate_fix"]
+        assert (fixed["accelerate_fix"] == "applied") == needed, fixed["accelerate_fix"]
     for rank in fixed["ranks"]:
         assert rank["exit_status"] == 0 and rank["checkpoint_keys_compared"] > 0
         assert rank["checkpoint_keys_mismatched"] == 0 and rank["state_equal_rank0"] and rank["logits_equal_rank0"]

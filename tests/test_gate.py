@@ -50,7 +50,8 @@ def py_json(code, env=None):
     "version,expected",
     [("4.52.4", None), ("4.53.0", "c1"), ("4.56.2", "c1"), ("4.57.0", "c2"), ("4.57.6", "c2"), ("5.0.0", "c3"),
      ("5.3.0", "c3"), ("5.4.0", "c4"), ("5.5.4", "c4"), ("5.6.0", "c5"), ("5.22.2", "c5"), ("5.23.0", "c6"),
-     ("5.23.1", "c6"), ("5.24.0", "c6"), ("5.25.0", "c7"), ("5.25.3", "c7"), (NEXT, None), (f"{NEXT}.dev0", None), ("6.0.0", None)],
+     ("5.23.1", "c6"), ("5.24.0", "c6"), ("5.25.0", "c7"), ("5.25.3", "c7"), (NEXT, None), (f"{NEXT}.dev0", None),
+     ("6.0.0", None)],
 )
 def test_version_table(version, expected):
     assert versions.class_for(version) == expected
